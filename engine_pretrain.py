@@ -1,0 +1,123 @@
+"""One pretraining epoch and the online-probe evaluation.
+
+Per step: masked forward -> loss = mae + lamb * reg(global features) + CE of the
+online head on detached features -> backward (scaled for fp16, divided by the
+accumulation group's size) -> optimizer step at the end of each group. The lr
+follows a per-iteration warmup + cosine schedule. Nothing is read back to the
+host except every print_freq steps.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from loss_func import regularizer_loss
+from util.amp import autocast
+from util.dist import all_reduce_sum
+from util.errors import UserError
+from util.lr_sched import adjust_learning_rate
+from util.metric_logger import MetricLogger
+
+
+class NonFiniteLoss(UserError):
+    """The loss went NaN/inf; raised before anything is saved from the bad state."""
+
+
+def accumulation_groups(num_steps, accum_iter):
+    """For each step: (first step of its group?, last step of its group?, group size).
+
+    The last group of an epoch may be shorter than accum_iter (e.g. an epoch of 3
+    steps with accum_iter 8): it still updates, with its gradient averaged over
+    the steps it has, so no data is silently dropped and every epoch updates.
+    """
+    out = []
+    for start in range(0, num_steps, accum_iter):
+        size = min(accum_iter, num_steps - start)
+        out += [(i == 0, i == size - 1, size) for i in range(size)]
+    return out
+
+
+def compute_losses(model, samples, targets, args):
+    """The forward of one step; returns (total, dict of parts, online logits)."""
+    with autocast(samples.device, args.amp):
+        loss_mae, _, _, features, logits = model(samples, args.mask_ratio)
+    if args.reg != "none" and args.lamb > 0:
+        loss_reg = regularizer_loss(features, args.reg, args.uniformity_mu, args.centering)
+    else:
+        loss_reg = torch.zeros((), device=samples.device)
+    loss_ce = F.cross_entropy(logits.float(), targets)
+    loss = loss_mae.float() + args.lamb * loss_reg + loss_ce
+    return loss, {"loss_mae": loss_mae.detach(), "loss_reg": loss_reg.detach(),
+                  "loss_ce": loss_ce.detach()}, logits
+
+
+def train_one_epoch(model, data_loader, optimizer, device, epoch, scaler, args, log_writer=None):
+    model.train()
+    logger = MetricLogger()
+    num_steps = len(data_loader)
+    groups = accumulation_groups(num_steps, args.accum_iter)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # step of the first NaN/inf
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+
+    def on_flush(step, values):
+        bad = int(first_bad)
+        if bad >= 0:
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in values.items()
+                              if k.startswith("loss") and not math.isfinite(v))
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {bad} ({parts or 'loss'}); "
+                                "stopping without saving, the last checkpoint is intact")
+        if log_writer is not None:
+            epoch_1000x = int((step / num_steps + epoch) * 1000)  # as MAE: comparable across batch sizes
+            for k, v in values.items():
+                log_writer.add_scalar(f"train/{k}", v, epoch_1000x)
+
+    header = f"Epoch: [{epoch}]"
+    world_batch = args.batch_size * args.world_size
+    for step, (samples, targets) in enumerate(logger.log_every(
+            data_loader, args.print_freq, header, on_flush=on_flush, batch_size=world_batch)):
+        group_start, group_end, group_size = groups[step]
+        if group_start:
+            lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+
+        # Skip DDP's gradient all-reduce on steps that only accumulate.
+        sync = contextlib.nullcontext() if group_end or not args.distributed else model.no_sync()
+        with sync:
+            loss, parts, logits = compute_losses(model, samples, targets, args)
+            scaler.scale(loss / group_size).backward()
+        if group_end:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        loss = loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        acc = (logits.detach().argmax(dim=-1) == targets).float().mean() * 100
+        logger.update(n=samples.shape[0], loss=loss, **parts, acc=acc)
+        logger.update(lr=lr)
+    return logger.global_avg()
+
+
+@torch.no_grad()
+def evaluate_online(model, data_loader, device, args):
+    """Online head's top-1/top-5 on full (unmasked) images. Each rank takes its own
+    shard without padding and the counts are summed: equal to one process."""
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, n
+    for samples, targets in data_loader:
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, args.amp):
+            logits = model.online_predict(samples)
+        k = min(5, logits.shape[-1])
+        topk = logits.float().topk(k, dim=-1).indices
+        hit = topk == targets[:, None]
+        counts += torch.stack([hit[:, 0].sum(), hit.any(dim=-1).sum(),
+                               torch.tensor(len(targets), device=device)]).double()
+    all_reduce_sum(counts)
+    top1, top5, n = counts.tolist()
+    model.train()
+    return {"acc1": 100 * top1 / max(n, 1), "acc5": 100 * top5 / max(n, 1), "n": int(n)}

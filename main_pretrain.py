@@ -1,0 +1,185 @@
+"""Pretrain a masked autoencoder: MAE, U-MAE (--reg uniformity) or M-MAE (--reg tcr).
+
+    python main_pretrain.py                        # CPU demo on synthetic data
+    torchrun --nproc_per_node 8 main_pretrain.py --data_path /imagenet ...
+"""
+import datetime
+import json
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import models_mae
+from engine_pretrain import evaluate_online, train_one_epoch
+from loss_func import REG_ALIASES, REG_CHOICES
+from util import checkpoint as ckpt
+from util.amp import grad_scaler
+from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
+from util.datasets import (build_dataset, check_nb_classes, eval_loader, eval_transform,
+                           pretrain_transform, train_loader)
+from util.dist import cleanup, get_rank, init_distributed_mode
+from util.errors import UserError, exit_on_user_error
+from util.metric_logger import append_log, tensorboard_writer
+from util.optim import adamw, scale_lr
+from util.vis import save_reconstructions
+
+
+def get_args_parser():
+    parser = Parser("MAE / U-MAE / M-MAE pretraining", add_help=True)
+    add_common_args(parser, batch_size=64, epochs=400, input_size=224)
+    parser.set_defaults(blr=1.5e-4, warmup_epochs=40)
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="mae_vit_large_patch16", help=", ".join(models_mae.MODELS))
+    g.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
+    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    add_bool(g, "--norm_pix_loss", False, "reconstruct per-patch normalised pixels")
+    add_bool(g, "--global_pool", False, "regularise/probe the mean patch token instead of cls")
+    add_bool(g, "--compile", False, "torch.compile the model")
+    g = parser.add_argument_group("regulariser")
+    g.add_argument("--reg", default="none",
+                   help="none | uniformity (U-MAE) | tcr (M-MAE); published spellings spectral, square, TCR")
+    g.add_argument("--lamb", default=0.0, type=float, help="weight of the regulariser")
+    g.add_argument("--uniformity_mu", default=1.0, type=float, help="mu of the TCR term")
+    add_bool(g, "--centering", False, "centre the features in the TCR term")
+    g = parser.add_argument_group("monitoring")
+    g.add_argument("--val_interval", default=10, type=int,
+                   help="online probe top-1/top-5 on the val split every N epochs (0 = never)")
+    g.add_argument("--vis_every", default=10, type=int, help="reconstruction picture every N epochs (0 = never)")
+    return parser
+
+
+def check_pretrain_args(args):
+    args.reg = REG_ALIASES.get(args.reg, args.reg)
+    if args.reg not in REG_CHOICES:
+        raise UserError(f"unknown --reg {args.reg!r}; choose from {', '.join(REG_CHOICES)} "
+                        f"(or {', '.join(REG_ALIASES)})")
+    if args.lamb < 0:
+        raise UserError(f"--lamb must be >= 0, got {args.lamb}")
+    if args.uniformity_mu <= 0:
+        raise UserError(f"--uniformity_mu must be > 0, got {args.uniformity_mu}")
+    if not 0 <= args.mask_ratio < 1:
+        raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.model not in models_mae.MODELS:
+        raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_mae.MODELS)}")
+
+
+def build_model(args):
+    kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                  nb_classes=args.nb_classes, global_pool=args.global_pool)
+    if args.patch_size:
+        kwargs["patch_size"] = args.patch_size
+    try:
+        return models_mae.MODELS[args.model](**kwargs)
+    except ValueError as e:  # e.g. input size not divisible by the patch size
+        raise UserError(str(e)) from None
+
+
+def resume(args, model, optimizer, scaler):
+    """Load model/optimizer/scaler/RNG from a checkpoint; returns the first epoch to run."""
+    path, state = ckpt.find_resume_checkpoint(args)
+    if state is None:
+        return args.start_epoch
+    ckpt.load_model_state(model, state["model"], path, args.model, state.get("args", {}).get("model"))
+    if "optimizer" in state:  # a weights-only file (e.g. official MAE) starts a new schedule
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("scaler", {}))
+        if "rng" in state:
+            ckpt.set_rng_state(state["rng"][get_rank()] if get_rank() < len(state["rng"]) else state["rng"][0])
+        start = state["epoch"] + 1
+    else:
+        start = args.start_epoch
+    print(f"resumed from {path} (finished epoch {state.get('epoch', 'n/a')}); starting at epoch {start}")
+    return start
+
+
+def save(args, epoch, model, optimizer, scaler):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": epoch, "args": ckpt.plain_args(args),
+             "rng": gather_rng_states()}
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt.save_on_main(state, os.path.join(args.output_dir, ckpt.checkpoint_name(epoch)))
+
+
+def gather_rng_states():
+    """Every rank's RNG state (each rank draws its own masks), as a list by rank."""
+    import torch.distributed as dist
+    local = ckpt.rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
+
+
+@exit_on_user_error
+def main(args):
+    check_common_args(args)
+    check_pretrain_args(args)
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    seed_everything(args.seed + get_rank())
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    dataset_train = build_dataset(args, "train", pretrain_transform(args.input_size))
+    check_nb_classes(args, dataset_train)
+    dataset_val = build_dataset(args, "val", eval_transform(args.input_size)) \
+        if args.val_interval or args.vis_every else None
+    loader = train_loader(dataset_train, args, seed=args.seed)
+
+    model = build_model(args).to(device)
+    model_without_ddp = model
+    eff_batch = scale_lr(args)
+    optimizer = adamw(model_without_ddp, args)
+    scaler = grad_scaler(device, args.amp)
+    start_epoch = resume(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    print(f"model {args.model}: {sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad) / 1e6:.2f}M "
+          f"trainable params; reg {args.reg} lamb {args.lamb}")
+    print(f"effective batch {eff_batch}, lr {args.lr:.3g} (blr {args.blr:.3g}); {len(loader)} steps/epoch; "
+          f"amp {args.amp}; device {device}; world size {args.world_size}")
+    print("args: " + json.dumps(ckpt.plain_args(args)))
+    if get_rank() == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    log_writer = tensorboard_writer(args.log_dir)
+    vis_imgs = torch.stack([dataset_val[i][0] for i in range(min(8, len(dataset_val)))]).to(device) \
+        if args.vis_every else None
+
+    t0 = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = {f"train_{k}": v for k, v in train_one_epoch(
+            model, loader, optimizer, device, epoch, scaler, args, log_writer).items()}
+        last = epoch + 1 == args.epochs
+        if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
+            val = evaluate_online(model_without_ddp, eval_loader(dataset_val, args), device, args)
+            print(f"online probe on {val['n']} val images: top-1 {val['acc1']:.2f}  top-5 {val['acc5']:.2f}")
+            stats.update({"val_online_acc1": val["acc1"], "val_online_acc5": val["acc5"]})
+            if log_writer is not None:
+                log_writer.add_scalar("val/online_acc1", val["acc1"], epoch)
+                log_writer.add_scalar("val/online_acc5", val["acc5"], epoch)
+        if args.vis_every and get_rank() == 0 and ((epoch + 1) % args.vis_every == 0 or last):
+            path = save_reconstructions(model_without_ddp, vis_imgs, args.mask_ratio, args.output_dir,
+                                        epoch, log_writer)
+            print(f"reconstructions written to {path}")
+        if (epoch + 1) % args.save_every == 0 or last:
+            save(args, epoch, model_without_ddp, optimizer, scaler)
+        append_log(args.output_dir, {**stats, "epoch": epoch})
+        if log_writer is not None:
+            log_writer.flush()
+
+    print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
+    if log_writer is not None:
+        log_writer.close()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,139 @@
+"""Checkpoints of plain data (tensors, numbers, strings, dicts, lists) that load
+with torch.load(weights_only=True). Written by rank 0 only, atomically: a
+temporary file in the same folder, flushed and fsynced, then renamed, so a
+crash mid-write never leaves a truncated file under a checkpoint's name."""
+import os
+import pickle
+import random
+import re
+import zipfile
+
+import numpy as np
+import torch
+
+from util.dist import barrier, is_main_process
+from util.errors import UserError
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
+
+
+def plain_args(args):
+    """argparse Namespace -> dict of plain values (no pickled objects)."""
+    out = {}
+    for k, v in vars(args).items():
+        out[k] = v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+    return out
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save_on_main(obj, path):
+    """Rank 0 writes; every rank waits until the file is in place."""
+    if is_main_process():
+        atomic_save(obj, path)
+    barrier()
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True; every failure becomes one clear line."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"checkpoint {path} holds pickled objects and is refused "
+                        f"(loading uses weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} is truncated or corrupt: {first}") from None
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _numpy_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _python_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def checkpoint_name(epoch, step=None):
+    return f"checkpoint-{epoch}.pth" if step is None else f"checkpoint-{epoch}-step{step}.pth"
+
+
+def list_checkpoints(output_dir):
+    """Checkpoints in output_dir, newest position first: [(path, epoch, step)]."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = CKPT_RE.match(name)
+        if m:
+            epoch, step = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+            # an end-of-epoch checkpoint comes after every mid-epoch one of that epoch
+            found.append((os.path.join(output_dir, name), epoch, step))
+    return sorted(found, key=lambda x: (x[1], float("inf") if x[2] is None else x[2]), reverse=True)
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint to continue from: --resume, else with --auto_resume the newest
+    readable one in output_dir (a corrupt newest file is reported and skipped)."""
+    if args.resume:
+        return args.resume, load_checkpoint(args.resume)
+    if not args.auto_resume:
+        if list_checkpoints(args.output_dir):
+            raise UserError(f"{args.output_dir} already holds checkpoints; pass --auto_resume or "
+                            "--resume, or choose another --output_dir (nothing was overwritten)")
+        return None, None
+    for path, _, _ in list_checkpoints(args.output_dir):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print(f"warning: skipping unreadable checkpoint: {e}")
+    return None, None
+
+
+def load_model_state(model, state_dict, source, model_name=None, ckpt_model=None):
+    """Strict load; a checkpoint of another model gives one clear line."""
+    if model_name and ckpt_model and model_name != ckpt_model:
+        raise UserError(f"checkpoint {source} is for model {ckpt_model}, not {model_name}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"checkpoint {source} does not fit model {model_name}: {detail}") from None

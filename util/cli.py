@@ -1,0 +1,108 @@
+"""Command-line flags shared by main_pretrain.py, main_linprobe.py and main_finetune.py."""
+import argparse
+import os
+import random
+
+import numpy as np
+import torch
+
+from util.errors import UserError
+
+
+def str2bool(v):
+    """A real boolean flag: `--flag`, `--flag True`, `--flag false`, `--flag 0`."""
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def add_bool(parser, name, default, help):
+    parser.add_argument(name, type=str2bool, nargs="?", const=True, default=default, help=help)
+
+
+def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch_size", default=batch_size, type=int,
+                   help="batch size per GPU (effective batch = batch_size * accum_iter * GPUs)")
+    g.add_argument("--epochs", default=epochs, type=int)
+    g.add_argument("--accum_iter", default=1, type=int,
+                   help="accumulate gradients over this many steps before an update")
+    g.add_argument("--input_size", default=input_size, type=int, help="image size")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast dtype; auto = bf16 on CUDA, none on CPU")
+
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff. batch / 256)")
+    g.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr * effective batch / 256")
+    g.add_argument("--min_lr", type=float, default=0.0, help="lower bound of the cosine schedule")
+    g.add_argument("--warmup_epochs", type=float, default=40, help="epochs of linear lr warmup")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", default=None, type=str,
+                   help="ImageFolder root with train/ and val/ (or CIFAR files); none = synthetic data")
+    g.add_argument("--dataset", default=None, choices=["imagefolder", "cifar10", "cifar100", "synthetic"],
+                   help="default: imagefolder when --data_path is given, else synthetic")
+    g.add_argument("--class_subset", default=None, help="file of class folder names (wnids) to keep")
+    g.add_argument("--synthetic_size", default=4096, type=int, help="train images of the synthetic set")
+    g.add_argument("--nb_classes", default=None, type=int,
+                   help="number of classes (default: from the dataset; checked against it)")
+    g.add_argument("--num_workers", default=8, type=int)
+    add_bool(g, "--pin_mem", True, "pin CPU memory in the DataLoader")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, pictures")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--resume", default="", help="checkpoint to resume from")
+    add_bool(g, "--auto_resume", True, "continue from the newest checkpoint in output_dir")
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    g.add_argument("--save_every", default=20, type=int, help="keep a checkpoint every N epochs")
+    g.add_argument("--print_freq", default=20, type=int, help="console/TensorBoard every N steps")
+
+    g = parser.add_argument_group("distributed (set by torchrun)")
+    g.add_argument("--world_size", default=1, type=int)
+    g.add_argument("--local_rank", "--local-rank", default=-1, type=int)
+    g.add_argument("--dist_on_itp", action="store_true")
+    g.add_argument("--dist_url", default="env://")
+    return parser
+
+
+def check_common_args(args):
+    """Fail early, before anything is written, on values that cannot work."""
+    for name in ("batch_size", "epochs", "accum_iter", "input_size", "save_every", "print_freq"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise UserError("--num_workers must be >= 0")
+    if args.data_path is not None and not os.path.isdir(args.data_path):
+        raise UserError(f"data_path {args.data_path} does not exist or is not a folder")
+    if args.resume and not os.path.isfile(args.resume):
+        raise UserError(f"resume checkpoint {args.resume} does not exist")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no GPU is available (use --device cpu)")
+    args.pin_mem = args.pin_mem and args.device.startswith("cuda")
+    if args.amp == "auto":
+        args.amp = "bf16" if args.device.startswith("cuda") else "none"
+    if args.log_dir is None:
+        args.log_dir = args.output_dir
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: ...`) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")

@@ -1,0 +1,243 @@
+"""Datasets, transforms and loaders shared by pretraining and evaluation.
+
+Sources: an ImageFolder root `data_path/{train,val}` (optionally restricted to
+the classes listed in a file, one wnid per line, ImageNet-100 style),
+CIFAR-10/100 from torchvision's local files (never downloaded), and a built-in
+synthetic labelled set used when no data path is given.
+"""
+import math
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+
+from util.dist import get_rank, get_world_size
+from util.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---- transforms ---------------------------------------------------------------
+def pretrain_transform(input_size):
+    """MAE's pretraining augmentation."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(input_size):
+    """Resize to input/0.875 (256 for 224) and centre-crop, as MAE's evaluation."""
+    return transforms.Compose([
+        transforms.Resize(int(math.ceil(input_size / 0.875)),
+                          interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# ---- sources -----------------------------------------------------------------
+def checked_loader(path):
+    """PIL loader whose failure names the file (one line for the user)."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # truncated, not an image, unreadable
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+class SubsetImageFolder(datasets.ImageFolder):
+    """ImageFolder restricted to the class folders named in `classes` (if given)."""
+
+    def __init__(self, root, transform=None, classes=None):
+        self.wanted = classes
+        super().__init__(root, transform=transform, loader=checked_loader)
+
+    def find_classes(self, directory):
+        found, _ = super().find_classes(directory)
+        if self.wanted is None:
+            return found, {c: i for i, c in enumerate(found)}
+        missing = [c for c in self.wanted if c not in found]
+        if missing:
+            raise UserError(f"class subset names {len(missing)} classes not in {directory}, "
+                            f"e.g. {missing[0]}")
+        return list(self.wanted), {c: i for i, c in enumerate(self.wanted)}
+
+
+def read_class_subset(path):
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise UserError(f"class subset file {path} does not exist")
+    with open(path) as f:
+        wnids = [line.split()[0] for line in f if line.strip() and not line.startswith("#")]
+    if not wnids:
+        raise UserError(f"class subset file {path} lists no classes")
+    return wnids
+
+
+class SyntheticImages(Dataset):
+    """Deterministic labelled images generated on the fly, no files needed.
+
+    Each class has its own pair of colours and a stripe orientation and frequency;
+    every sample draws its own phase, contrast, shift and pixel noise from a
+    generator seeded by (seed, split, index). A linear probe on any reasonable
+    features can therefore beat chance, and the same index always gives the same
+    image on every rank and every run.
+    """
+
+    def __init__(self, num_samples, nb_classes=10, image_size=64, split="train", seed=0,
+                 transform=None):
+        self.num_samples, self.nb_classes, self.image_size = num_samples, nb_classes, image_size
+        self.seed, self.split_id, self.transform = seed, 0 if split == "train" else 1, transform
+        self.classes = [f"class_{i}" for i in range(nb_classes)]
+        g = np.random.default_rng(seed + 12345)
+        self.colors = g.uniform(0, 1, size=(nb_classes, 2, 3))
+        self.angles = g.uniform(0, np.pi, size=nb_classes)
+        self.freqs = g.uniform(1.5, 5.0, size=nb_classes)
+        self.targets = [i % nb_classes for i in range(num_samples)]
+
+    def __len__(self):
+        return self.num_samples
+
+    def render(self, index):
+        c = self.targets[index]
+        g = np.random.default_rng([self.seed, self.split_id, index])
+        s = self.image_size
+        y, x = np.mgrid[0:s, 0:s] / s
+        angle = self.angles[c] + g.normal(0, 0.15)
+        proj = x * np.cos(angle) + y * np.sin(angle) + g.uniform(0, 1)
+        wave = 0.5 + 0.5 * g.uniform(0.6, 1.0) * np.sin(2 * np.pi * self.freqs[c] * proj)
+        img = wave[..., None] * self.colors[c, 0] + (1 - wave[..., None]) * self.colors[c, 1]
+        img = img + g.normal(0, 0.08, size=img.shape)
+        return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+    def __getitem__(self, index):
+        img = self.render(index)
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def build_dataset(args, split, transform):
+    """split: 'train' or 'val'. Chooses the source from args.dataset / args.data_path."""
+    kind = args.dataset or ("synthetic" if args.data_path is None else "imagefolder")
+    if kind == "synthetic":
+        n = args.synthetic_size if split == "train" else max(args.synthetic_size // 4, 1)
+        return SyntheticImages(n, args.nb_classes or 10, args.input_size, split, args.seed, transform)
+    if args.data_path is None or not os.path.isdir(args.data_path):
+        raise UserError(f"data_path {args.data_path} does not exist or is not a folder")
+    if kind in ("cifar10", "cifar100"):
+        cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
+        try:
+            return cls(args.data_path, train=split == "train", transform=transform, download=False)
+        except RuntimeError as e:
+            raise UserError(f"{kind} files not found under {args.data_path} ({e}); "
+                            "place torchvision's extracted archive there") from None
+    if kind != "imagefolder":
+        raise UserError(f"unknown dataset {kind!r}")
+    root = os.path.join(args.data_path, split)
+    if not os.path.isdir(root):
+        raise UserError(f"{root} does not exist: data_path must hold train/ and val/ folders")
+    try:
+        return SubsetImageFolder(root, transform, read_class_subset(args.class_subset))
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise UserError(f"{root}: {e}") from None
+
+
+def num_classes_of(dataset):
+    return len(dataset.classes)
+
+
+def check_nb_classes(args, dataset):
+    """Fill args.nb_classes from the dataset, or fail if the user's value differs."""
+    n = num_classes_of(dataset)
+    if args.nb_classes is not None and args.nb_classes != n:
+        raise UserError(f"--nb_classes {args.nb_classes} but the dataset has {n} classes")
+    args.nb_classes = n
+
+
+# ---- samplers and loaders -------------------------------------------------------
+class ShardSampler(Sampler):
+    """Each rank takes indices rank, rank+W, ...: no padding, no duplicates, so
+    summed counts over ranks equal a one-process evaluation exactly."""
+
+    def __init__(self, dataset):
+        self.indices = range(get_rank(), len(dataset), get_world_size())
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def train_loader(dataset, args, seed):
+    """Shuffled, rank-sharded loader dropping the last incomplete batch (as MAE),
+    with augmentation seeded per (epoch, sample); call loader.sampler.set_epoch."""
+    sampler = TrainSampler(dataset, seed)
+    loader = DataLoader(EpochSeeded(dataset, seed), sampler=sampler, batch_size=args.batch_size,
+                        num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
+                        persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "
+                        f"({args.batch_size} x {get_world_size()} ranks)")
+    return loader
+
+
+def eval_loader(dataset, args, batch_size=None):
+    return DataLoader(dataset, sampler=ShardSampler(dataset), batch_size=batch_size or args.batch_size,
+                      num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)
+
+
+# ---- reproducible augmentation ----------------------------------------------------
+class EpochSeeded(Dataset):
+    """Draws each sample's augmentation from a generator seeded by (seed, epoch, index).
+
+    Indexed by (epoch, index) pairs from TrainSampler. The augmentation is then the
+    same whatever the number of workers, and a run resumed mid-epoch sees exactly
+    the crops an uninterrupted run would. The caller's RNG states are restored.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        s = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class TrainSampler(DistributedSampler):
+    """DistributedSampler (shuffled per epoch, rank-sharded) that yields
+    (epoch, index) pairs for EpochSeeded and can start part-way into the epoch."""
+
+    def __init__(self, dataset, seed):
+        super().__init__(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
+                         seed=seed, drop_last=True)
+        self.start_index = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start_index:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self):
+        return self.num_samples - self.start_index

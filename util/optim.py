@@ -1,0 +1,20 @@
+"""AdamW with MAE's parameter groups and effective-batch lr scaling."""
+import torch
+from timm.optim import param_groups_weight_decay
+
+from util.dist import get_world_size
+
+
+def scale_lr(args):
+    """lr = blr * effective batch / 256 unless --lr was given; returns the effective batch."""
+    eff_batch = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    return eff_batch
+
+
+def adamw(model, args, betas=(0.9, 0.95)):
+    """No weight decay on norms, biases (1-d), tokens and position embeddings."""
+    groups = param_groups_weight_decay(model, args.weight_decay, model.no_weight_decay())
+    fused = torch.device(args.device).type == "cuda"
+    return torch.optim.AdamW(groups, lr=args.lr, betas=betas, fused=fused)
