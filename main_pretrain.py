@@ -76,43 +76,6 @@ def build_model(args):
         raise UserError(str(e)) from None
 
 
-def resume(args, model, optimizer, scaler):
-    """Load model/optimizer/scaler/RNG from a checkpoint; returns the first epoch to run."""
-    path, state = ckpt.find_resume_checkpoint(args)
-    if state is None:
-        return args.start_epoch
-    ckpt.load_model_state(model, state["model"], path, args.model, state.get("args", {}).get("model"))
-    if "optimizer" in state:  # a weights-only file (e.g. official MAE) starts a new schedule
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state.get("scaler", {}))
-        if "rng" in state:
-            ckpt.set_rng_state(state["rng"][get_rank()] if get_rank() < len(state["rng"]) else state["rng"][0])
-        start = state["epoch"] + 1
-    else:
-        start = args.start_epoch
-    print(f"resumed from {path} (finished epoch {state.get('epoch', 'n/a')}); starting at epoch {start}")
-    return start
-
-
-def save(args, epoch, model, optimizer, scaler):
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "epoch": epoch, "args": ckpt.plain_args(args),
-             "rng": gather_rng_states()}
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt.save_on_main(state, os.path.join(args.output_dir, ckpt.checkpoint_name(epoch)))
-
-
-def gather_rng_states():
-    """Every rank's RNG state (each rank draws its own masks), as a list by rank."""
-    import torch.distributed as dist
-    local = ckpt.rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [local]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, local)
-    return out
-
-
 @exit_on_user_error
 def main(args):
     check_common_args(args)
@@ -135,7 +98,7 @@ def main(args):
     eff_batch = scale_lr(args)
     optimizer = adamw(model_without_ddp, args)
     scaler = grad_scaler(device, args.amp)
-    start_epoch = resume(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
+    start_epoch = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
     if args.compile:
@@ -170,7 +133,7 @@ def main(args):
                                         epoch, log_writer)
             print(f"reconstructions written to {path}")
         if (epoch + 1) % args.save_every == 0 or last:
-            save(args, epoch, model_without_ddp, optimizer, scaler)
+            ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler)
         append_log(args.output_dir, {**stats, "epoch": epoch})
         if log_writer is not None:
             log_writer.flush()

@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 import torch
 
-from util.dist import barrier, is_main_process
+from util.dist import barrier, get_rank, is_main_process
 from util.errors import UserError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
@@ -137,3 +137,48 @@ def load_model_state(model, state_dict, source, model_name=None, ckpt_model=None
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise UserError(f"checkpoint {source} does not fit model {model_name}: {detail}") from None
+
+
+def gather_rng_states():
+    """Every rank's RNG states (each rank draws its own masks), as a list by rank."""
+    import torch.distributed as dist
+    local = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, local)
+    return out
+
+
+def save_training(args, epoch, model, optimizer, scaler, extra=None):
+    """Everything needed to continue: model, optimizer, grad scaler, epoch, args
+    (plain dict) and every rank's RNG states. Returns the path written."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": epoch, "args": plain_args(args),
+             "rng": gather_rng_states(), **(extra or {})}
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, checkpoint_name(epoch))
+    save_on_main(state, path)
+    return path
+
+
+def resume_training(args, model, optimizer, scaler):
+    """Continue from --resume or (with --auto_resume) the newest checkpoint in
+    output_dir; returns the first epoch to run. A weights-only checkpoint (no
+    optimizer, e.g. an official MAE file) loads the model and starts a new schedule."""
+    path, state = find_resume_checkpoint(args)
+    if state is None:
+        return args.start_epoch
+    if "model" not in state:
+        raise UserError(f"checkpoint {path} has no 'model' entry")
+    load_model_state(model, state["model"], path, args.model, state.get("args", {}).get("model"))
+    if "optimizer" not in state:
+        print(f"loaded weights from {path}; starting at epoch {args.start_epoch}")
+        return args.start_epoch
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state.get("scaler") or {})
+    rngs = state.get("rng") or []
+    if get_rank() < len(rngs):
+        set_rng_state(rngs[get_rank()])
+    print(f"resumed from {path} (finished epoch {state['epoch']}); starting at epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1

@@ -52,7 +52,7 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     g.add_argument("--synthetic_size", default=4096, type=int, help="train images of the synthetic set")
     g.add_argument("--nb_classes", default=None, type=int,
                    help="number of classes (default: from the dataset; checked against it)")
-    g.add_argument("--num_workers", default=8, type=int)
+    g.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int)
     add_bool(g, "--pin_mem", True, "pin CPU memory in the DataLoader")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
 

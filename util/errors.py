@@ -23,6 +23,6 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"error: {_one_line(e)}\n")
             sys.exit(2)
     return wrapper
