@@ -38,10 +38,11 @@ def accumulation_groups(num_steps, accum_iter):
     return out
 
 
-def compute_losses(model, samples, targets, args):
-    """The forward of one step; returns (total, dict of parts, online logits)."""
+def compute_losses(model, samples, targets, args, noise=None):
+    """The forward of one step; returns (total, dict of parts, online logits).
+    `noise` fixes the mask (tests, benchmarks); None draws a random one."""
     with autocast(samples.device, args.amp):
-        loss_mae, _, _, features, logits = model(samples, args.mask_ratio)
+        loss_mae, _, _, features, logits = model(samples, args.mask_ratio, noise)
     if args.reg != "none" and args.lamb > 0:
         loss_reg = regularizer_loss(features, args.reg, args.uniformity_mu, args.centering)
     else:

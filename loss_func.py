@@ -13,9 +13,9 @@ from util.dist import gather_with_grad
 
 
 def _global_normalized(features):
-    """(B, d) local features -> (m, d) float32, L2-normalised rows of the global batch."""
+    """(B, d) local features -> (m, d) float32 (float64 kept), L2-normalised rows of the global batch."""
     with torch.autocast(device_type=features.device.type, enabled=False):
-        z = F.normalize(features.float(), dim=1)
+        z = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
         return gather_with_grad(z)
 
 

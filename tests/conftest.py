@@ -1,0 +1,47 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# A pretraining small enough for CPU tests: ViT-Tiny width, 32x32 images, 4x4 patches.
+TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4",
+        "--batch_size", "16", "--synthetic_size", "64", "--num_workers", "0", "--epochs", "1",
+        "--warmup_epochs", "1", "--print_freq", "2", "--val_interval", "0", "--vis_every", "0"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script, *args, timeout=600, env=None, torchrun=0):
+    """Run a repository script as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(k, None)
+    cmd = [sys.executable]
+    if torchrun:
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += [os.path.join(REPO, script), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), proc.stderr
+    for f in fragments:
+        assert f in err[0], err[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def tiny_args():
+    return list(TINY)

@@ -1,0 +1,82 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+from loss_func import regularizer_loss, uniformity_loss, uniformity_loss_TCR
+
+
+def ref_uniformity(x):
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return np.mean((z @ z.T) ** 2)
+
+
+def ref_tcr(x, mu=1.0, centering=False):
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    m, d = z.shape
+    cov = z.T @ (np.eye(m) - np.ones((m, m)) / m) @ z if centering else z.T @ z
+    sign, logdet = np.linalg.slogdet(np.eye(d) + mu / d * cov)
+    assert sign > 0
+    return -logdet
+
+
+@pytest.mark.parametrize("m,d", [(16, 8), (8, 16), (12, 12)])  # both Gram forms
+def test_regularisers_match_independent_formulas(m, d):
+    x = np.random.default_rng(0).normal(size=(m, d))
+    t = torch.from_numpy(x)
+    assert uniformity_loss(t).item() == pytest.approx(ref_uniformity(x), rel=1e-10)
+    for mu in (1.0, 3.0):
+        for centering in (False, True):
+            got = uniformity_loss_TCR(t, mu, centering).item()
+            assert got == pytest.approx(ref_tcr(x, mu, centering), rel=1e-9, abs=1e-12)
+
+
+def test_regularisers_are_float32_under_autocast_and_scale_invariant():
+    x = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = uniformity_loss(x.bfloat16())
+        t = uniformity_loss_TCR(x.bfloat16())
+    assert u.dtype == torch.float32 and t.dtype == torch.float32
+    # rows are normalised: scaling a row changes nothing
+    y = x * torch.rand(32, 1) * 10
+    assert torch.allclose(uniformity_loss(x), uniformity_loss(y), atol=1e-6)
+    assert torch.allclose(uniformity_loss_TCR(x), uniformity_loss_TCR(y), atol=1e-5)
+    assert regularizer_loss(x, "none").item() == 0.0
+
+
+def test_gradcheck_float64():
+    for m, d in ((6, 4), (4, 6)):
+        x = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(uniformity_loss, (x,))
+        assert torch.autograd.gradcheck(lambda a: uniformity_loss_TCR(a, 2.0, False), (x,))
+        assert torch.autograd.gradcheck(lambda a: uniformity_loss_TCR(a, 1.0, True), (x,))
+
+
+def test_collapsed_features_score_worse():
+    spread = torch.eye(8)                                  # orthogonal directions
+    collapsed = torch.ones(8, 8) + 1e-3 * torch.randn(8, 8)  # one direction
+    assert uniformity_loss(spread) < uniformity_loss(collapsed)
+    assert uniformity_loss_TCR(spread) < uniformity_loss_TCR(collapsed)
+
+
+def test_world_size_invariance_two_gloo_processes(tmp_path):
+    """2 ranks x batch 4 (DDP) == 1 process x batch 8: losses and averaged gradients."""
+    out = tmp_path / "dist.json"
+    for world in (1, 2):
+        proc = run_script("tests/dist_invariance_worker.py", str(out) + f".{world}", torchrun=world,
+                          timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = json.load(open(str(out) + ".1"))
+    two = json.load(open(str(out) + ".2"))
+    for reg in ("uniformity", "tcr", "tcr_centered"):
+        a, b = one[reg], two[reg]
+        assert a["reg"] == pytest.approx(b["reg"], rel=1e-5, abs=1e-6), reg
+        assert a["total"] == pytest.approx(b["total"], rel=1e-5), reg
+        ga, gb = np.array(a["grads"]), np.array(b["grads"])
+        # the regulariser carries a large share of the gradient here (lamb = 1)
+        assert np.allclose(ga, gb, rtol=1e-4, atol=1e-6), (reg, np.abs(ga - gb).max())
+        # the published gather (local slice of the gradient) would halve the reg's share
+        assert not np.allclose(np.array(b["grads_published"]), ga, rtol=1e-3, atol=1e-6)
