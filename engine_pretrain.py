@@ -88,6 +88,8 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, scaler, args, 
         sync = contextlib.nullcontext() if group_end or not args.distributed else model.no_sync()
         with sync:
             loss, parts, logits = compute_losses(model, samples, targets, args)
+            if epoch * num_steps + step == args.inject_nonfinite_step:  # test hook (hidden flag)
+                loss = loss + float("inf")
             scaler.scale(loss / group_size).backward()
         if group_end:
             scaler.step(optimizer)

@@ -3,6 +3,7 @@
     python main_pretrain.py                        # CPU demo on synthetic data
     torchrun --nproc_per_node 8 main_pretrain.py --data_path /imagenet ...
 """
+import argparse
 import datetime
 import json
 import os
@@ -17,6 +18,7 @@ from loss_func import REG_ALIASES, REG_CHOICES
 from util import checkpoint as ckpt
 from util.amp import grad_scaler
 from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
+from util.diagnostics import log_diagnostics
 from util.datasets import (build_dataset, check_nb_classes, eval_loader, eval_transform,
                            pretrain_transform, train_loader)
 from util.dist import cleanup, get_rank, init_distributed_mode
@@ -47,6 +49,9 @@ def get_args_parser():
     g.add_argument("--val_interval", default=10, type=int,
                    help="online probe top-1/top-5 on the val split every N epochs (0 = never)")
     g.add_argument("--vis_every", default=10, type=int, help="reconstruction picture every N epochs (0 = never)")
+    g.add_argument("--diag_images", default=1024, type=int, help="val images for the feature diagnostics (0 = off)")
+    add_bool(g, "--knn_monitor", False, "kNN accuracy (train bank, eval transform) at every val_interval")
+    g.add_argument("--inject_nonfinite_step", default=-1, type=int, help=argparse.SUPPRESS)  # for tests
     return parser
 
 
@@ -128,6 +133,7 @@ def main(args):
             if log_writer is not None:
                 log_writer.add_scalar("val/online_acc1", val["acc1"], epoch)
                 log_writer.add_scalar("val/online_acc5", val["acc5"], epoch)
+            stats.update(log_diagnostics(model_without_ddp, dataset_val, device, args, epoch, log_writer))
         if args.vis_every and get_rank() == 0 and ((epoch + 1) % args.vis_every == 0 or last):
             path = save_reconstructions(model_without_ddp, vis_imgs, args.mask_ratio, args.output_dir,
                                         epoch, log_writer)

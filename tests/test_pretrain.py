@@ -1,0 +1,184 @@
+"""End-to-end pretraining runs on synthetic data, resume, and bad input."""
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_one_line_error, run_script
+from engine_pretrain import accumulation_groups
+from main_pretrain import get_args_parser
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_short_run_loss_falls_and_writes_outputs(tmp_path, tiny_args):
+    out = str(tmp_path / "run")
+    proc = run_script("main_pretrain.py", *tiny_args, "--epochs", "4", "--synthetic_size", "128",
+                      "--blr", "1e-3", "--reg", "tcr", "--lamb", "0.01", "--val_interval", "2",
+                      "--vis_every", "4", "--save_every", "2", "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    assert log[-1]["train_loss_mae"] < log[0]["train_loss_mae"]
+    for key in ("train_loss", "train_loss_reg", "train_loss_ce", "train_acc", "train_lr"):
+        assert key in log[0]
+    assert "val_online_acc1" in log[1] and "val_online_acc5" in log[3]
+    files = set(os.listdir(out))
+    assert {"checkpoint-1.pth", "checkpoint-3.pth", "reconstruction-3.png", "log.txt"} <= files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    state = torch.load(os.path.join(out, "checkpoint-3.pth"), weights_only=True)
+    assert state["epoch"] == 3 and state["args"]["reg"] == "tcr"
+    assert {"model", "optimizer", "scaler", "rng"} <= set(state)
+    assert "eta:" in proc.stdout and "img_per_s" in proc.stdout
+
+
+def test_resume_continues_exactly(tmp_path, tiny_args):
+    common = [*tiny_args, "--epochs", "2", "--save_every", "1", "--reg", "uniformity", "--lamb", "0.1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_script("main_pretrain.py", *common, "--output_dir", straight).returncode == 0
+    # a run that stopped after epoch 0: relaunching the same command auto-resumes
+    split.mkdir()
+    shutil.copy(straight / "checkpoint-0.pth", split / "checkpoint-0.pth")
+    proc = run_script("main_pretrain.py", *common, "--output_dir", split)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and "starting at epoch 1" in proc.stdout
+    a = torch.load(straight / "checkpoint-1.pth", weights_only=True)
+    b = torch.load(split / "checkpoint-1.pth", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert read_log(straight)[1] == read_log(split)[0]
+
+
+def test_accum_iter_larger_than_epoch_still_updates(tmp_path, tiny_args):
+    assert accumulation_groups(5, 2) == [(True, False, 2), (False, True, 2), (True, False, 2),
+                                         (False, True, 2), (True, True, 1)]
+    assert accumulation_groups(3, 8) == [(True, False, 3), (False, False, 3), (False, True, 3)]
+    out = str(tmp_path / "accum")
+    proc = run_script("main_pretrain.py", *tiny_args, "--accum_iter", "8", "--warmup_epochs", "0",
+                      "--output_dir", out)  # 4 steps per epoch < accum_iter
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = torch.load(os.path.join(out, "checkpoint-0.pth"), weights_only=True)
+    assert trained["optimizer"]["state"], "the optimizer never stepped"
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_args):
+    out = str(tmp_path / "nan")
+    ok = run_script("main_pretrain.py", *tiny_args, "--save_every", "1", "--output_dir", out)
+    assert ok.returncode == 0
+    before = digest(os.path.join(out, "checkpoint-0.pth"))
+    proc = run_script("main_pretrain.py", *tiny_args, "--epochs", "2", "--save_every", "1",
+                      "--output_dir", out, "--inject_nonfinite_step", "5")
+    assert_one_line_error(proc, "non-finite loss", "epoch 1 step 1")
+    assert digest(os.path.join(out, "checkpoint-0.pth")) == before
+    assert not os.path.exists(os.path.join(out, "checkpoint-1.pth"))
+
+
+def test_centering_is_a_real_boolean():
+    p = get_args_parser()
+    assert p.parse_args(["--centering", "False"]).centering is False
+    assert p.parse_args(["--centering", "True"]).centering is True
+    assert p.parse_args(["--centering"]).centering is True
+    assert p.parse_args([]).centering is False
+    assert p.parse_args(["--local-rank", "3"]).local_rank == 3
+    assert p.parse_args(["--local_rank", "2"]).local_rank == 2
+
+
+def test_published_reg_spellings(tmp_path, tiny_args):
+    proc = run_script("main_pretrain.py", *tiny_args, "--reg", "TCR", "--lamb", "0.01",
+                      "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '"reg": "tcr"' in proc.stdout
+
+
+def make_image_folder(root, classes=("a", "b"), per_class=2, bad=None, empty_class=None):
+    for split in ("train", "val"):
+        for c in classes:
+            d = os.path.join(root, split, c)
+            os.makedirs(d, exist_ok=True)
+            if c == empty_class:
+                continue
+            for i in range(per_class):
+                Image.new("RGB", (40, 40), (i * 40, 100, 200)).save(os.path.join(d, f"{i}.png"))
+    if bad:
+        with open(os.path.join(root, "train", classes[0], "broken.jpg"), "wb") as f:
+            f.write(b"this is not a jpeg")
+
+
+BAD_INPUTS = [
+    (["--data_path", "/nonexistent/path"], "does not exist"),
+    (["--input_size", "30"], "not divisible"),
+    (["--mask_ratio", "1.0"], "--mask_ratio"),
+    (["--mask_ratio", "-0.1"], "--mask_ratio"),
+    (["--reg", "entropy"], "unknown --reg"),
+    (["--lamb", "-1"], "--lamb"),
+    (["--resume", "/nonexistent/ckpt.pth"], "does not exist"),
+    (["--model", "mae_vit_gigantic"], "unknown --model"),
+    (["--centering", "maybe"], "boolean"),
+]
+
+
+@pytest.mark.parametrize("extra,fragment", BAD_INPUTS)
+def test_bad_input_one_line(tmp_path, tiny_args, extra, fragment):
+    proc = run_script("main_pretrain.py", *tiny_args, "--output_dir", str(tmp_path / "o"), *extra)
+    assert_one_line_error(proc, fragment)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_bad_image_folders(tmp_path, tiny_args):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--data_path", empty), "train")
+    no_images = tmp_path / "noimg"
+    make_image_folder(no_images, empty_class="b")
+    assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--data_path", no_images), "b")
+    broken = tmp_path / "broken"
+    make_image_folder(broken, per_class=4, bad=True)
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", broken, "--batch_size", "2",
+                      "--output_dir", tmp_path / "o")
+    assert_one_line_error(proc, "cannot read image", "broken.jpg")
+
+
+def test_image_folder_with_class_subset(tmp_path, tiny_args):
+    root = tmp_path / "data"
+    make_image_folder(root, classes=("n01", "n02", "n03"), per_class=4)
+    subset = tmp_path / "subset.txt"
+    subset.write_text("n01\nn03\n")
+    out = tmp_path / "o"
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", root, "--class_subset", subset,
+                      "--batch_size", "4", "--output_dir", out, "--val_interval", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(out / "checkpoint-0.pth", weights_only=True)
+    assert state["model"]["online_head.weight"].shape[0] == 2
+    subset.write_text("n01\nn09\n")
+    assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--data_path", root,
+                                     "--class_subset", subset), "n09")
+
+
+def test_resume_from_other_model_refused_and_nothing_overwritten(tmp_path, tiny_args):
+    out = str(tmp_path / "o")
+    assert run_script("main_pretrain.py", *tiny_args, "--output_dir", out).returncode == 0
+    ckpt = os.path.join(out, "checkpoint-0.pth")
+    before = digest(ckpt)
+    other = [a if a != "mae_vit_tiny_patch16" else "mae_vit_small_patch16" for a in tiny_args]
+    assert_one_line_error(run_script("main_pretrain.py", *other, "--output_dir", out), "mae_vit_tiny_patch16")
+    assert_one_line_error(run_script("main_pretrain.py", *other, "--resume", ckpt,
+                                     "--output_dir", str(tmp_path / "p")), "mae_vit_small_patch16")
+    # a different patch size is a different model too (shapes), caught before writing
+    assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--patch_size", "8", "--resume", ckpt,
+                                     "--output_dir", str(tmp_path / "q")), "does not fit")
+    assert digest(ckpt) == before
+    assert not os.path.exists(tmp_path / "p") and not os.path.exists(tmp_path / "q")
+    assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--output_dir", out,
+                                     "--auto_resume", "false"), "already holds checkpoints")
+    assert digest(ckpt) == before
