@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Pretraining launcher: torchrun on one or many nodes, with the published recipes.
+#
+#   RECIPE=umae DATA=/path/to/imagenet bash pretrain.sh                # 1 node, all its GPUs
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 RECIPE=mmae-l DATA=... bash pretrain.sh   # on node 0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 RECIPE=mmae-l DATA=... bash pretrain.sh   # on node 1
+#
+# Extra arguments pass through to main_pretrain.py and win over the preset
+# (e.g. `bash pretrain.sh --epochs 800 --output_dir runs/x`). Under SLURM, run
+# this script once per node with srun (NODE_RANK from SLURM_NODEID).
+#
+# Recipes (REFERENCE.md): 200 epochs, blr 1.5e-4, weight decay 0.05, mask 0.75,
+# norm_pix_loss, 40 warmup epochs, 8 GPUs x 128 = effective batch 1024.
+#   mae     ViT-B/16, reconstruction only
+#   umae    ViT-B/16, + 1e-2 * uniformity          (U-MAE)
+#   mmae    ViT-B/16, + 1e-2 * TCR, mu 1           (M-MAE)
+#   mae-l / umae-l / mmae-l: ViT-L/16 (M-MAE uses mu 3 for ViT-L)
+# LAMB defaults to the published 1e-2 and means the same at any GPU count: our
+# regulariser gradient is world-size invariant. The published 8-GPU runs applied
+# only 1/8 of it (their gather's backward); LAMB=1.25e-3 reproduces their actual
+# training dynamics (README, "lamb and GPU count").
+set -euo pipefail
+cd "$(dirname "$0")"
+
+RECIPE=${RECIPE:-mae}
+LAMB=${LAMB:-1e-2}
+DATA=${DATA:-}
+NNODES=${NNODES:-${SLURM_NNODES:-1}}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+  GPUS_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
+PYTHON=${PYTHON:-python}
+[ -x .venv/bin/python ] && [ "$PYTHON" = python ] && PYTHON=.venv/bin/python
+
+# 8 x 128 = 1024 images per update; keep it at other GPU counts with accum_iter.
+BATCH=${BATCH:-128}
+WORLD=$((NNODES * GPUS_PER_NODE))
+ACCUM=${ACCUM:-$(( (1024 + WORLD * BATCH - 1) / (WORLD * BATCH) ))}
+
+case "$RECIPE" in
+  mae)    MODEL=mae_vit_base_patch16;  REG=(--reg none) ;;
+  umae)   MODEL=mae_vit_base_patch16;  REG=(--reg uniformity --lamb "$LAMB") ;;
+  mmae)   MODEL=mae_vit_base_patch16;  REG=(--reg tcr --lamb "$LAMB" --uniformity_mu 1 --centering False) ;;
+  mae-l)  MODEL=mae_vit_large_patch16; REG=(--reg none) ;;
+  umae-l) MODEL=mae_vit_large_patch16; REG=(--reg uniformity --lamb "$LAMB") ;;
+  mmae-l) MODEL=mae_vit_large_patch16; REG=(--reg tcr --lamb "$LAMB" --uniformity_mu 3 --centering False) ;;
+  *) echo "error: unknown RECIPE=$RECIPE (mae, umae, mmae, mae-l, umae-l, mmae-l)" >&2; exit 2 ;;
+esac
+
+DATA_ARGS=()
+[ -n "$DATA" ] && DATA_ARGS=(--data_path "$DATA")
+
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+  main_pretrain.py \
+  --model "$MODEL" --batch_size "$BATCH" --accum_iter "$ACCUM" \
+  --epochs 200 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 \
+  --mask_ratio 0.75 --norm_pix_loss "${REG[@]}" \
+  --output_dir "${OUTPUT_DIR:-runs/$RECIPE}" "${DATA_ARGS[@]}" "$@"
