@@ -1,0 +1,234 @@
+"""Analyse a pretraining checkpoint: is the representation collapsing?
+
+Prints the feature diagnostics (effective rank, dims99, uniformity, TCR), weighted
+kNN accuracy, a fast linear evaluation on frozen features, and the val
+reconstruction loss; writes the singular value spectrum and a reconstruction grid.
+
+    python main_analyze.py --checkpoint output_dir/checkpoint-399.pth --data_path /imagenet
+    python main_analyze.py --checkpoint mae_pretrain_vit_base.pth --model mae_vit_base_patch16 \
+        --data_path /imagenet                      # official encoder-only file: no reconstructions
+    torchrun --nproc_per_node 8 main_analyze.py --checkpoint ... --data_path /imagenet
+
+Model, input/patch size and regulariser settings default to those stored in
+the checkpoint's args; an official MAE checkpoint stores none, so pass --model.
+"""
+import json
+import os
+
+import torch
+
+import models_mae
+from util.checkpoint import load_checkpoint
+from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
+from util.datasets import build_dataset, check_nb_classes, eval_loader, eval_transform
+from util.diagnostics import FeatureStats, diag_subset, feature_stats, spectrum_plot, summary_line
+from util.dist import all_reduce_sum, cleanup, get_rank, init_distributed_mode, is_main_process
+from util.errors import UserError, exit_on_user_error
+from util.fast_linear import LABEL, fast_linear_eval
+from util.knn import _all_gather_padded, extract_features, knn_accuracy
+from util.pos_embed import interpolate_pos_embed
+from util.vis import save_reconstructions
+
+# Settings read from the checkpoint's args when not given on the command line.
+FROM_CHECKPOINT = {"model": None, "input_size": 224, "patch_size": None, "global_pool": False,
+                   "norm_pix_loss": False, "mask_ratio": 0.75, "uniformity_mu": 1.0, "centering": False}
+
+
+def get_args_parser():
+    parser = Parser("Diagnostics, kNN and fast linear evaluation of a pretraining checkpoint", add_help=True)
+    add_common_args(parser, batch_size=256, epochs=1, input_size=224)
+    parser.set_defaults(output_dir=None, **{k: None for k in FROM_CHECKPOINT})
+    g = parser.add_argument_group("analysis")
+    g.add_argument("--checkpoint", required=True, help="ours ({'model', 'args', ...}) or official MAE")
+    g.add_argument("--model", help=", ".join(models_mae.MODELS) + " (default: from the checkpoint)")
+    g.add_argument("--patch_size", type=int, help="override the model's patch size")
+    add_bool(g, "--global_pool", None, "analyse the mean patch token instead of cls")
+    add_bool(g, "--norm_pix_loss", None, "the model reconstructs normalised patches")
+    g.add_argument("--mask_ratio", type=float, help="for the reconstruction loss and grid")
+    g.add_argument("--uniformity_mu", type=float, help="mu of the TCR value")
+    add_bool(g, "--centering", None, "centre the features in the TCR value")
+    g.add_argument("--diag_images", default=0, type=int, help="val images for the diagnostics (0 = all)")
+    g.add_argument("--train_images", default=0, type=int,
+                   help="train images (evenly spaced) for the kNN bank and the linear fit (0 = all)")
+    add_bool(g, "--knn", True, "weighted kNN accuracy")
+    g.add_argument("--knn_k", default=20, type=int)
+    g.add_argument("--knn_t", default=0.07, type=float, help="kNN temperature")
+    add_bool(g, "--linear", True, "fast linear evaluation on frozen features")
+    g.add_argument("--out_json", default=None, help="also write the results here (JSON)")
+    return parser
+
+
+def resolve_args(args, state):
+    """Fill unset settings from the checkpoint's args, then check everything."""
+    saved = state.get("args") if isinstance(state.get("args"), dict) else {}
+    for k, default in FROM_CHECKPOINT.items():
+        if getattr(args, k) is None:
+            setattr(args, k, saved.get(k, default))
+    if args.model is None:
+        raise UserError(f"checkpoint {args.checkpoint} does not name its model; pass --model "
+                        f"({', '.join(models_mae.MODELS)})")
+    if args.model not in models_mae.MODELS:
+        raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_mae.MODELS)}")
+    if not 0 <= args.mask_ratio < 1:
+        raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.knn_k < 1 or args.knn_t <= 0:
+        raise UserError("--knn_k must be >= 1 and --knn_t > 0")
+    if args.output_dir is None:
+        args.output_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    check_common_args(args)
+
+
+def build_model(args, sd):
+    kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, global_pool=args.global_pool)
+    if args.patch_size:
+        kwargs["patch_size"] = args.patch_size
+    head = sd.get("online_head.weight")
+    kwargs["nb_classes"] = head.shape[0] if head is not None else args.nb_classes
+    try:
+        return models_mae.MODELS[args.model](**kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def load_weights(model, sd, path):
+    """Load with strict=False; the encoder must be complete, the decoder and the
+    online head may be absent (official files hold the encoder only).
+    Returns whether the decoder was loaded."""
+    sd = dict(sd)
+    grid = model.patch_embed.grid_size[0]
+    for k in ("pos_embed", "decoder_pos_embed"):  # fixed sin-cos; resize for another input size
+        if k in sd and sd[k].shape != getattr(model, k).shape:
+            try:
+                sd[k] = interpolate_pos_embed(sd[k], grid)
+            except ValueError as e:
+                raise UserError(f"checkpoint {path}: {e}") from None
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatch: another model size or patch size
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"checkpoint {path} does not fit --model {model.__class__.__name__}: {detail}") from None
+    optional = ("decoder", "mask_token", "online_head")
+    bad = [k for k in missing if not k.startswith(optional)]
+    if bad or unexpected:
+        raise UserError(f"checkpoint {path} does not fit the model: missing {bad[:4]}, "
+                        f"unexpected {sorted(unexpected)[:4]}")
+    decoder_missing = [k for k in missing if k.startswith(("decoder", "mask_token"))]
+    if missing:
+        print(f"not in the checkpoint (left at their initialisation): {len(decoder_missing)} decoder keys, "
+              f"{len(missing) - len(decoder_missing)} online head keys")
+    return not decoder_missing
+
+
+def subset(dataset, n):
+    return diag_subset(dataset, n) if n else dataset
+
+
+@torch.no_grad()
+def reconstruction_loss(model, dataset, device, args):
+    """Mean MAE loss on the val images at --mask_ratio. Each image's mask comes from
+    a noise table indexed by the image, so any number of ranks gives the same value."""
+    model.eval()
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand(len(dataset), model.patch_embed.num_patches, generator=g)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    loader = eval_loader(dataset, args)
+    order = list(loader.sampler)
+    seen = 0
+    for imgs, _ in loader:
+        n = imgs.shape[0]
+        idx = torch.tensor(order[seen:seen + n])
+        seen += n
+        loss, _, _, _, _ = model(imgs.to(device), args.mask_ratio, noise[idx].to(device))
+        sums += torch.stack([loss.double() * n, torch.tensor(n, device=device, dtype=torch.float64)])
+    total, n = all_reduce_sum(sums).tolist()
+    return total / max(n, 1)
+
+
+def gather_all(x):
+    """Every rank's rows, concatenated in rank order (for the fast linear fit)."""
+    size = int(all_reduce_sum(torch.tensor([x.shape[0]], device=x.device)).item())
+    counts = _all_gather_padded(torch.tensor([x.shape[0]], device=x.device), 1).flatten().tolist()
+    rows = _all_gather_padded(x, max(counts))
+    out = torch.cat([rows[r, :c] for r, c in enumerate(counts)])
+    assert out.shape[0] == size
+    return out
+
+
+@exit_on_user_error
+def main(args):
+    state = load_checkpoint(args.checkpoint)
+    sd = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise UserError(f"checkpoint {args.checkpoint} has no 'model' entry with a state dict")
+    resolve_args(args, state)
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    seed_everything(args.seed)
+
+    dataset_val = build_dataset(args, "val", eval_transform(args.input_size))
+    check_nb_classes(args, dataset_val)
+    model = build_model(args, sd)
+    has_decoder = load_weights(model, sd, args.checkpoint)
+    model.to(device).eval()
+    print(f"analysing {args.checkpoint}: {args.model} at {args.input_size} px, patch {model.patch_size}, "
+          f"{'mean patch token' if args.global_pool else 'cls token'}; {len(dataset_val)} val images")
+    results = {"checkpoint": args.checkpoint, "model": args.model, "epoch": state.get("epoch")}
+
+    # Val features once: for the diagnostics (all of val) and as kNN/linear queries.
+    val_x, val_y = extract_features(model, eval_loader(dataset_val, args), device, args.amp)
+    if args.diag_images and args.diag_images < len(dataset_val):
+        diag = feature_stats(model, eval_loader(diag_subset(dataset_val, args.diag_images), args), device,
+                             args.amp, args.uniformity_mu, args.centering)
+    else:
+        stats = FeatureStats(val_x.shape[1], device)
+        for chunk in val_x.split(1024):
+            stats.update(chunk)
+        diag = stats.all_reduce().compute(args.uniformity_mu, args.centering)
+    print("diagnostics: " + summary_line(diag))
+    results["diagnostics"] = {k: v for k, v in diag.items() if k != "singular_values"}
+    results["diagnostics"]["singular_values"] = diag["singular_values"].tolist()
+
+    if args.knn or args.linear:
+        dataset_train = subset(build_dataset(args, "train", eval_transform(args.input_size)), args.train_images)
+        train_x, train_y = extract_features(model, eval_loader(dataset_train, args), device, args.amp)
+    if args.knn:
+        knn = knn_accuracy(train_x, train_y, val_x, val_y, args.nb_classes, args.knn_k, args.knn_t)
+        print(f"kNN (k={knn['k']}, T={args.knn_t}, cosine; bank {len(dataset_train)} train images): "
+              f"top-1 {knn['acc1']:.2f}  top-5 {knn['acc5']:.2f}")
+        results["knn"] = knn
+    if args.linear:
+        tx, ty, vx, vy = (gather_all(t) for t in (train_x, train_y, val_x, val_y))
+        if is_main_process():
+            lin = fast_linear_eval(tx.cpu(), ty.cpu(), vx.cpu(), vy.cpu(), args.nb_classes)
+            print(f"{LABEL}: logistic top-1 {lin['logreg']['acc1']:.2f} top-5 {lin['logreg']['acc5']:.2f} "
+                  f"(wd {lin['logreg']['weight_decay']:g}); ridge top-1 {lin['ridge']['acc1']:.2f} "
+                  f"(lambda {lin['ridge']['lambda']:g}); fit on {lin['n_train']} train images")
+            results["linear"] = lin
+
+    if has_decoder:
+        results["recon_loss"] = reconstruction_loss(model, dataset_val, device, args)
+        print(f"reconstruction loss on {len(dataset_val)} val images at mask ratio {args.mask_ratio}: "
+              f"{results['recon_loss']:.4f}")
+    else:
+        results["recon_loss"] = None
+        print("no decoder in the checkpoint: reconstruction loss and pictures skipped")
+
+    if is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "spectrum.png")
+        spectrum_plot(diag["singular_values"], f"{os.path.basename(args.checkpoint)}: "
+                      f"erank {diag['effective_rank']:.1f}, dims99 {diag['dims99']}").save(path)
+        print(f"spectrum written to {path}")
+        if has_decoder:
+            imgs = torch.stack([dataset_val[i][0] for i in range(min(8, len(dataset_val)))]).to(device)
+            path = save_reconstructions(model, imgs, args.mask_ratio, args.output_dir, "analysis")
+            print(f"reconstructions written to {path}")
+        if args.out_json:
+            with open(args.out_json, "w") as f:
+                json.dump(results, f, indent=1)
+    cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
