@@ -1,0 +1,173 @@
+"""Setup and epoch loop shared by main_linprobe.py and main_finetune.py.
+
+Both scripts: parse the common flags plus `add_eval_args`, call `prepare`, build
+their transform, `build_data`, `build_model` (loads --finetune), their head and
+optimizer, then `run`, which resumes, trains with engine_finetune, evaluates
+top-1/top-5 on the whole val split after every epoch, keeps checkpoint-best.pth
+and the periodic/last checkpoints, and logs to log.txt and TensorBoard.
+With --eval, `run` only evaluates --resume (or the newest checkpoint).
+"""
+import datetime
+import json
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms
+
+import models_vit
+from engine_finetune import evaluate, train_one_epoch
+from util import checkpoint as ckpt
+from util.amp import grad_scaler
+from util.cli import add_bool, check_common_args, seed_everything
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_nb_classes,
+                           eval_loader, eval_transform, num_classes_of, train_loader)
+from util.dist import cleanup, get_rank, init_distributed_mode
+from util.errors import UserError
+from util.metric_logger import append_log, tensorboard_writer
+
+BEST = "checkpoint-best.pth"
+
+
+def add_eval_args(parser, model, global_pool):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=model, help=", ".join(models_vit.MODELS))
+    g.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
+    g.add_argument("--finetune", default="", help="pretrained checkpoint (ours or an official MAE file)")
+    add_bool(g, "--global_pool", global_pool, "classify the mean patch token (+ fc_norm) instead of cls")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="classify the cls token (same as --global_pool false)")
+    g.add_argument("--eval", action="store_true",
+                   help="only evaluate --resume (default: the newest checkpoint in output_dir)")
+    return parser
+
+
+def prepare(args):
+    """Check the flags (before anything is written), start distributed, seed."""
+    check_common_args(args)
+    if args.model not in models_vit.MODELS:
+        raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_vit.MODELS)}")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise UserError(f"pretrained checkpoint {args.finetune} (--finetune) does not exist")
+    if args.eval and not args.resume and not ckpt.list_checkpoints(args.output_dir):
+        raise UserError("--eval needs a checkpoint: pass --resume, or an --output_dir holding one")
+    init_distributed_mode(args)
+    seed_everything(args.seed + get_rank())
+    if torch.device(args.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(args.device)
+
+
+def linprobe_transform(input_size):
+    """MAE's linear-probe augmentation: RandomResizedCrop (default scale) + flip."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def build_data(args, train_tf):
+    """Train (unless --eval) and val sets and loaders; fills/checks args.nb_classes."""
+    dataset_train = None if args.eval else build_dataset(args, "train", train_tf)
+    dataset_val = build_dataset(args, "val", eval_transform(args.input_size))
+    check_nb_classes(args, dataset_train if dataset_train is not None else dataset_val)
+    if num_classes_of(dataset_val) != args.nb_classes:
+        raise UserError(f"the val split has {num_classes_of(dataset_val)} classes, "
+                        f"the train split {args.nb_classes}")
+    return SimpleNamespace(
+        train=dataset_train, val=dataset_val,
+        train_loader=None if args.eval else train_loader(dataset_train, args, seed=args.seed),
+        val_loader=eval_loader(dataset_val, args))
+
+
+def build_model(args, drop_path_rate=0.0):
+    """The classifier, with the pretrained encoder of --finetune loaded (not for --eval:
+    the evaluated checkpoint holds every weight)."""
+    kwargs = dict(img_size=args.input_size, num_classes=args.nb_classes,
+                  global_pool=args.global_pool, drop_path_rate=drop_path_rate)
+    if args.patch_size:
+        kwargs["patch_size"] = args.patch_size
+    model = models_vit.MODELS[args.model](**kwargs)
+    if args.finetune and not args.eval:
+        missing, dropped = models_vit.load_pretrained(model, args.finetune, args.model)
+        print(f"loaded pretrained encoder from {args.finetune}; new: {missing}; "
+              f"dropped {len(dropped)} pretraining-only tensors")
+    elif not args.eval:
+        print("warning: no --finetune checkpoint; the encoder starts from random weights")
+    return model
+
+
+def _previous_best(args):
+    """Best val top-1 already kept in output_dir (a resumed or restarted run must not
+    replace a better checkpoint-best.pth); refuses to touch it without --auto_resume."""
+    path = os.path.join(args.output_dir, BEST)
+    if not os.path.isfile(path):
+        return -1.0
+    if not (args.auto_resume or args.resume):
+        raise UserError(f"{path} exists; pass --auto_resume or choose another --output_dir "
+                        "(nothing was overwritten)")
+    return float(ckpt.load_checkpoint(path).get("acc1", -1.0))
+
+
+def _report(prefix, stats):
+    print(f"{prefix}: top-1 {stats['acc1']:.2f}  top-5 {stats['acc5']:.2f}  loss {stats['loss']:.4f}  "
+          f"on {stats['n']} val images")
+
+
+def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
+    device = torch.device(args.device)
+    model_without_ddp = model
+    scaler = grad_scaler(device, args.amp)
+    start_epoch = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)
+    if get_rank() == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.eval:
+        stats = evaluate(model_without_ddp, data.val_loader, device, args)
+        _report(f"evaluation of {args.resume or args.output_dir}", stats)
+        append_log(args.output_dir, {"eval_checkpoint": args.resume or args.output_dir,
+                                     **{f"test_{k}": v for k, v in stats.items()}})
+        cleanup()
+        return stats
+
+    max_acc = _previous_best(args)
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    n_train = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    eff_batch = args.batch_size * args.accum_iter * args.world_size
+    print(f"model {args.model} ({'global pool' if args.global_pool else 'cls token'}): "
+          f"{n_train / 1e6:.3f}M trainable params; {args.nb_classes} classes")
+    print(f"effective batch {eff_batch}, lr {args.lr:.3g} (blr {args.blr:.3g}); "
+          f"{len(data.train_loader)} steps/epoch; amp {args.amp}; device {device}; world size {args.world_size}")
+    print("args: " + json.dumps(ckpt.plain_args(args)))
+    log_writer = tensorboard_writer(args.log_dir)
+
+    t0 = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        data.train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data.train_loader, optimizer, device, epoch,
+                                      scaler, args, mixup_fn, clip_grad, log_writer)
+        test = evaluate(model_without_ddp, data.val_loader, device, args)
+        _report(f"epoch {epoch}", test)
+        if test["acc1"] > max_acc:
+            max_acc = test["acc1"]
+            ckpt.save_on_main({"model": model_without_ddp.state_dict(), "epoch": epoch,
+                               "acc1": test["acc1"], "acc5": test["acc5"],
+                               "args": ckpt.plain_args(args)}, os.path.join(args.output_dir, BEST))
+        print(f"max top-1: {max_acc:.2f}")
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+            ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler)
+        if log_writer is not None:
+            for k in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f"val/{k}", test[k], epoch)
+            log_writer.flush()
+        append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                     **{f"test_{k}": v for k, v in test.items()},
+                                     "max_acc1": max_acc, "epoch": epoch, "n_parameters": n_train})
+    print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
+    if log_writer is not None:
+        log_writer.close()
+    cleanup()
