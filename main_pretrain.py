@@ -13,9 +13,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import models_mae
-from engine_pretrain import evaluate_online, train_one_epoch
+from engine_pretrain import NonFiniteLoss, evaluate_online, train_one_epoch
 from loss_func import REG_ALIASES, REG_CHOICES
 from util import checkpoint as ckpt
+from util import preempt
 from util.amp import grad_scaler
 from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
 from util.diagnostics import log_diagnostics
@@ -51,6 +52,13 @@ def get_args_parser():
     g.add_argument("--vis_every", default=10, type=int, help="reconstruction picture every N epochs (0 = never)")
     g.add_argument("--diag_images", default=1024, type=int, help="val images for the feature diagnostics (0 = off)")
     add_bool(g, "--knn_monitor", False, "kNN accuracy (train bank, eval transform) at every val_interval")
+    g = parser.add_argument_group("survival")
+    g.add_argument("--save_every_steps", default=0, type=int,
+                   help="also checkpoint every N steps within an epoch (0 = only at epoch ends)")
+    g.add_argument("--keep_last", default=2, type=int,
+                   help="keep the newest N checkpoints (plus every --save_every-th epoch's)")
+    g.add_argument("--nan_retries", default=0, type=int,
+                   help="on a non-finite loss, reload the last checkpoint and skip the batch, at most N times")
     g.add_argument("--inject_nonfinite_step", default=-1, type=int, help=argparse.SUPPRESS)  # for tests
     return parser
 
@@ -66,6 +74,11 @@ def check_pretrain_args(args):
         raise UserError(f"--uniformity_mu must be > 0, got {args.uniformity_mu}")
     if not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.save_every_steps < 0 or args.save_every_steps % args.accum_iter:
+        raise UserError(f"--save_every_steps must be a multiple of --accum_iter ({args.accum_iter}), "
+                        f"got {args.save_every_steps}")
+    if args.keep_last < 1 or args.nan_retries < 0:
+        raise UserError("--keep_last must be >= 1 and --nan_retries >= 0")
     if args.model not in models_mae.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_mae.MODELS)}")
 
@@ -79,6 +92,43 @@ def build_model(args):
         return models_mae.MODELS[args.model](**kwargs)
     except ValueError as e:  # e.g. input size not divisible by the patch size
         raise UserError(str(e)) from None
+
+
+def run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, dataset_val, vis_imgs,
+               log_writer):
+    """Epochs from (args.start_epoch, args.start_step) to the end, with monitoring
+    and a checkpoint after every epoch."""
+    device = torch.device(args.device)
+
+    def save(epoch, step=None, logger_totals=None):
+        extra = {"skip_steps": sorted(args.skip_steps), "logger_totals": logger_totals}
+        return ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler, step, extra)
+
+    for epoch in range(args.start_epoch, args.epochs):
+        start_step = args.start_step if epoch == args.start_epoch else 0
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start_index = start_step * args.batch_size
+        stats = {f"train_{k}": v for k, v in train_one_epoch(
+            model, loader, optimizer, device, epoch, scaler, args, log_writer, start_step, save).items()}
+        last = epoch + 1 == args.epochs
+        if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
+            val = evaluate_online(model_without_ddp, eval_loader(dataset_val, args), device, args)
+            print(f"online probe on {val['n']} val images: top-1 {val['acc1']:.2f}  top-5 {val['acc5']:.2f}")
+            stats.update({"val_online_acc1": val["acc1"], "val_online_acc5": val["acc5"]})
+            if log_writer is not None:
+                log_writer.add_scalar("val/online_acc1", val["acc1"], epoch)
+                log_writer.add_scalar("val/online_acc5", val["acc5"], epoch)
+            stats.update(log_diagnostics(model_without_ddp, dataset_val, device, args, epoch, log_writer))
+        if args.vis_every and get_rank() == 0 and ((epoch + 1) % args.vis_every == 0 or last):
+            path = save_reconstructions(model_without_ddp, vis_imgs, args.mask_ratio, args.output_dir,
+                                        epoch, log_writer)
+            print(f"reconstructions written to {path}")
+        save(epoch)
+        append_log(args.output_dir, {**stats, "epoch": epoch})
+        if log_writer is not None:
+            log_writer.flush()
+        if not last and preempt.stop_requested(device):
+            raise preempt.Preempted(f"preempted after epoch {epoch}")
 
 
 @exit_on_user_error
@@ -103,7 +153,8 @@ def main(args):
     eff_batch = scale_lr(args)
     optimizer = adamw(model_without_ddp, args)
     scaler = grad_scaler(device, args.amp)
-    start_epoch = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
+    args.skip_steps = set()
+    ckpt.resume_training(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
     if args.compile:
@@ -120,29 +171,28 @@ def main(args):
     vis_imgs = torch.stack([dataset_val[i][0] for i in range(min(8, len(dataset_val)))]).to(device) \
         if args.vis_every else None
 
+    preempt.install_handlers()
     t0 = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        stats = {f"train_{k}": v for k, v in train_one_epoch(
-            model, loader, optimizer, device, epoch, scaler, args, log_writer).items()}
-        last = epoch + 1 == args.epochs
-        if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
-            val = evaluate_online(model_without_ddp, eval_loader(dataset_val, args), device, args)
-            print(f"online probe on {val['n']} val images: top-1 {val['acc1']:.2f}  top-5 {val['acc5']:.2f}")
-            stats.update({"val_online_acc1": val["acc1"], "val_online_acc5": val["acc5"]})
-            if log_writer is not None:
-                log_writer.add_scalar("val/online_acc1", val["acc1"], epoch)
-                log_writer.add_scalar("val/online_acc5", val["acc5"], epoch)
-            stats.update(log_diagnostics(model_without_ddp, dataset_val, device, args, epoch, log_writer))
-        if args.vis_every and get_rank() == 0 and ((epoch + 1) % args.vis_every == 0 or last):
-            path = save_reconstructions(model_without_ddp, vis_imgs, args.mask_ratio, args.output_dir,
-                                        epoch, log_writer)
-            print(f"reconstructions written to {path}")
-        if (epoch + 1) % args.save_every == 0 or last:
-            ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler)
-        append_log(args.output_dir, {**stats, "epoch": epoch})
-        if log_writer is not None:
-            log_writer.flush()
+    retries = 0
+    while True:
+        try:
+            run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, dataset_val, vis_imgs,
+                       log_writer)
+            break
+        except NonFiniteLoss as e:
+            # Reload the last good checkpoint and step over the offending batch.
+            if retries >= args.nan_retries or not ckpt.list_checkpoints(args.output_dir):
+                raise
+            retries += 1
+            print(f"{e}\nretry {retries}/{args.nan_retries}: reloading the last checkpoint, "
+                  f"skipping epoch {e.epoch} step {e.step}")
+            args.skip_steps.add((e.epoch, e.step))
+            args.resume, args.auto_resume = "", True
+            ckpt.resume_training(args, model_without_ddp, optimizer, scaler)
+        except preempt.Preempted as e:
+            print(f"{e}: checkpoint saved, exiting")
+            preempt.requeue_if_slurm()
+            break
 
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
     if log_writer is not None:

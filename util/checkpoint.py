@@ -150,22 +150,45 @@ def gather_rng_states():
     return out
 
 
-def save_training(args, epoch, model, optimizer, scaler, extra=None):
-    """Everything needed to continue: model, optimizer, grad scaler, epoch, args
-    (plain dict) and every rank's RNG states. Returns the path written."""
+def save_training(args, epoch, model, optimizer, scaler, step=None, extra=None):
+    """Everything needed to continue: model, optimizer, grad scaler, position,
+    args (plain dict) and every rank's RNG states. step=None marks the end of
+    `epoch`; otherwise the run continues at `step` of `epoch`. Old checkpoints
+    beyond --keep_last are removed, except every --save_every-th epoch's.
+    Returns the path written."""
+    done = epoch if step is None else epoch - 1  # last completed epoch (MAE's 'epoch')
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "epoch": epoch, "args": plain_args(args),
-             "rng": gather_rng_states(), **(extra or {})}
+             "scaler": scaler.state_dict(), "epoch": done,
+             "next_epoch": done + 1 if step is None else epoch, "next_step": step or 0,
+             "args": plain_args(args), "rng": gather_rng_states(), **(extra or {})}
     os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, checkpoint_name(epoch))
+    path = os.path.join(args.output_dir, checkpoint_name(epoch, step))
     save_on_main(state, path)
+    if is_main_process():
+        prune_checkpoints(args.output_dir, getattr(args, "keep_last", 2), args.save_every, args.epochs)
     return path
+
+
+def prune_checkpoints(output_dir, keep_last, save_every, epochs):
+    """Keep the newest keep_last checkpoints, every save_every-th end-of-epoch one
+    and the final one; remove the rest (and stray temporary files)."""
+    for i, (path, epoch, step) in enumerate(list_checkpoints(output_dir)):
+        wanted = step is None and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs)
+        if i >= keep_last and not wanted:
+            os.remove(path)
+    for name in os.listdir(output_dir):
+        if ".pth.tmp." in name:
+            pid = name.rsplit(".", 1)[-1]
+            if not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
+                os.remove(os.path.join(output_dir, name))
 
 
 def resume_training(args, model, optimizer, scaler):
     """Continue from --resume or (with --auto_resume) the newest checkpoint in
-    output_dir; returns the first epoch to run. A weights-only checkpoint (no
-    optimizer, e.g. an official MAE file) loads the model and starts a new schedule."""
+    output_dir. Sets args.start_epoch / args.start_step (the position to continue
+    from) and returns args.start_epoch. A weights-only checkpoint (no optimizer,
+    e.g. an official MAE file) loads the model and starts a new schedule."""
+    args.start_step = 0
     path, state = find_resume_checkpoint(args)
     if state is None:
         return args.start_epoch
@@ -180,5 +203,9 @@ def resume_training(args, model, optimizer, scaler):
     rngs = state.get("rng") or []
     if get_rank() < len(rngs):
         set_rng_state(rngs[get_rank()])
-    print(f"resumed from {path} (finished epoch {state['epoch']}); starting at epoch {state['epoch'] + 1}")
-    return state["epoch"] + 1
+    args.start_epoch = state.get("next_epoch", state["epoch"] + 1)
+    args.start_step = state.get("next_step", 0)
+    args.resume_logger_totals = state.get("logger_totals")
+    args.skip_steps = {tuple(s) for s in state.get("skip_steps", [])} | getattr(args, "skip_steps", set())
+    print(f"resumed from {path}; starting at epoch {args.start_epoch} step {args.start_step}")
+    return args.start_epoch

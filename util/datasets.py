@@ -181,9 +181,12 @@ def train_loader(dataset, args, seed):
     """Shuffled, rank-sharded loader dropping the last incomplete batch (as MAE),
     with augmentation seeded per (epoch, sample); call loader.sampler.set_epoch."""
     sampler = TrainSampler(dataset, seed)
+    # The loader's own generator: creating an iterator then draws nothing from the
+    # global RNG (which draws the masks), so a resumed run's masks match.
     loader = DataLoader(EpochSeeded(dataset, seed), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
-                        persistent_workers=args.num_workers > 0)
+                        persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
     if len(loader) == 0:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "
                         f"({args.batch_size} x {get_world_size()} ranks)")

@@ -46,6 +46,11 @@ class MetricLogger:
         self.window = {}
         return out
 
+    def totals_after_flush(self):
+        """The epoch's running sums so far (plain floats), e.g. for a checkpoint."""
+        self.flush()
+        return {k: list(v) for k, v in self.totals.items()}
+
     def global_avg(self, distributed=True):
         """Epoch averages; with distributed=True summed over ranks first."""
         self.flush()

@@ -1,0 +1,150 @@
+"""Surviving kills: auto-resume, crash-safe checkpoints, exact continuation,
+preemption, non-finite retries and safe loading."""
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import REPO, assert_one_line_error, free_port, run_script
+from util.checkpoint import list_checkpoints
+
+# 2 epochs x 4 steps, a checkpoint after every step.
+RUN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--batch_size", "16",
+       "--synthetic_size", "64", "--num_workers", "1", "--epochs", "2", "--warmup_epochs", "1",
+       "--print_freq", "2", "--val_interval", "0", "--vis_every", "0", "--save_every_steps", "1",
+       "--reg", "tcr", "--lamb", "0.1", "--keep_last", "3"]
+
+
+def launch(out, *extra, torchrun=0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable]
+    if torchrun:
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd += [os.path.join(REPO, "main_pretrain.py"), *RUN, "--output_dir", str(out), *map(str, extra)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def position(out):
+    """(epoch, step) the newest checkpoint continues from, or None."""
+    found = list_checkpoints(str(out))
+    if not found:
+        return None
+    _, epoch, step = found[0]
+    return (epoch + 1, 0) if step is None else (epoch, step)
+
+
+def wait_for_position(proc, out, at_least, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        pos = position(out)
+        if pos is not None and pos >= at_least:
+            return pos
+        if proc.poll() is not None:
+            return position(out)
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def kill_group(proc, sig):
+    os.killpg(proc.pid, sig)
+    proc.communicate(timeout=120)
+
+
+def final_model(out):
+    return torch.load(os.path.join(out, "checkpoint-1.pth"), weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bitwise: the CPU ops here are deterministic
+
+
+def test_sigkill_at_random_steps_then_relaunch_matches_uninterrupted(tmp_path):
+    ref = launch(tmp_path / "ref")
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-2000:]
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    targets = sorted(rng.sample([(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)], 2))
+    for target in targets:
+        proc = launch(out)
+        wait_for_position(proc, out, target)
+        kill_group(proc, signal.SIGKILL)
+    proc = launch(out)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "resumed from" in stdout
+    assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
+
+
+def test_truncated_newest_checkpoint_falls_back(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(out, "--epochs", "1")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    newest = list_checkpoints(str(out))[0][0]
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    proc = launch(out, "--epochs", "2")
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "skipping unreadable checkpoint" in stdout and "truncated or corrupt" in stdout
+    assert "checkpoint-0-step3.pth; starting at epoch 0 step 3" in stdout
+
+
+def test_sigterm_saves_and_exits_zero_then_continues(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(out)
+    seen = wait_for_position(proc, out, (0, 1))
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "preempted" in stdout
+    assert position(out) > seen
+    proc = launch(out)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "resumed from" in stdout, err[-2000:]
+    assert position(out) == (2, 0)
+
+
+def test_nonfinite_loss_retry_skips_the_batch(tmp_path, tiny_args):
+    out = str(tmp_path / "nan")
+    proc = run_script("main_pretrain.py", *tiny_args, "--epochs", "2", "--output_dir", out,
+                      "--inject_nonfinite_step", "5", "--nan_retries", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "non-finite loss at epoch 1 step 1" in proc.stdout
+    assert "skipping epoch 1 step 1" in proc.stdout
+    state = torch.load(os.path.join(out, "checkpoint-1.pth"), weights_only=True)
+    assert state["skip_steps"] == [[1, 1]] or state["skip_steps"] == [(1, 1)]
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_pickled_checkpoint_is_refused(tmp_path, tiny_args):
+    bad = tmp_path / "pickled.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(model="x")}, bad)
+    proc = run_script("main_pretrain.py", *tiny_args, "--resume", bad, "--output_dir", tmp_path / "o")
+    assert_one_line_error(proc, "pickled objects", "weights_only")
+
+
+def test_two_process_run_killed_and_relaunched_with_torchrun(tmp_path):
+    ref = launch(tmp_path / "ref", "--batch_size", "8", torchrun=2)
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-3000:]
+    out = tmp_path / "killed"
+    proc = launch(out, "--batch_size", "8", torchrun=2)
+    wait_for_position(proc, out, (0, 3))
+    kill_group(proc, signal.SIGKILL)
+    proc = launch(out, "--batch_size", "8", torchrun=2)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in stdout
+    assert_same_weights(final_model(tmp_path / "ref"), final_model(out))

@@ -1,0 +1,52 @@
+"""Preemption: SIGTERM / SIGUSR1 (what SLURM sends before killing a job) ask the
+run to save a checkpoint at the next step boundary and exit cleanly; under SLURM
+the job is then requeued, and the relaunched command auto-resumes."""
+import os
+import signal
+import subprocess
+
+import torch
+
+from util.dist import get_rank, is_dist
+
+_requested = {"signal": None}
+
+
+def _handler(signum, frame):
+    _requested["signal"] = signal.Signals(signum).name
+
+
+def install_handlers():
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _handler)
+
+
+def requested_locally():
+    return _requested["signal"] is not None
+
+
+def stop_requested(device):
+    """True on every rank if any rank got the signal. Distributed runs pay one
+    tiny all-reduce (and host sync) per call, so call it every few steps only."""
+    flag = requested_locally()
+    if not is_dist():
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([1.0 if flag else 0.0], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; the entry point exits 0."""
+
+
+def requeue_if_slurm():
+    """Ask SLURM to requeue this job (rank 0 only); harmless outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and get_rank() == 0:
+        try:
+            subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
+            print(f"requeued SLURM job {job}")
+        except (OSError, subprocess.SubprocessError) as e:
+            print(f"warning: could not requeue SLURM job {job}: {e}")
