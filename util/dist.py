@@ -61,6 +61,7 @@ def init_distributed_mode(args):
     args.distributed = True
     use_cuda = torch.cuda.is_available() and str(args.device).startswith("cuda")
     if use_cuda:
+        args.gpu %= torch.cuda.device_count()  # srun may bind one GPU per task
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
     backend = "nccl" if use_cuda else "gloo"

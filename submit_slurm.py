@@ -1,0 +1,140 @@
+"""Submit main_pretrain.py, main_linprobe.py or main_finetune.py to SLURM.
+
+    python submit_slurm.py --nodes 2 --gpus_per_node 8 --partition gpu --time 72:00:00 -- \\
+        main_pretrain.py --model mae_vit_large_patch16 --data_path /data/imagenet \\
+        --output_dir /shared/runs/mmae_l --reg tcr --lamb 1e-2 --uniformity_mu 3
+
+Writes an sbatch script into OUTPUT_DIR/slurm/ and submits it. sbatch + srun start
+one task per GPU; each reads its rank from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+(util/dist.py). The job is requeueable: SLURM sends SIGUSR1 --signal_before
+seconds before the time limit (and SIGTERM on preemption); the run saves a
+checkpoint at the next step boundary, requeues itself, and the requeued job
+auto-resumes from output_dir. --dry_run prints the script without submitting.
+"""
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+from util.errors import UserError, exit_on_user_error
+
+ENTRY_POINTS = ("main_pretrain.py", "main_linprobe.py", "main_finetune.py")
+NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/scratch/local")
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SLURM launcher", usage="%(prog)s [options] -- SCRIPT [script args]")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus_per_node", type=int, default=8)
+    p.add_argument("--cpus_per_task", type=int, default=10, help="DataLoader workers + 1 per GPU")
+    p.add_argument("--mem_per_gpu", default="60G")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--time", default="72:00:00", help="time limit per job (the job requeues itself)")
+    p.add_argument("--signal_before", type=int, default=120,
+                   help="seconds before the time limit at which SLURM sends SIGUSR1")
+    p.add_argument("--job_name", default=None)
+    p.add_argument("--python", default=None, help="interpreter on the nodes (default: this one)")
+    p.add_argument("--master_port", type=int, default=29500)
+    p.add_argument("--dry_run", action="store_true", help="print the sbatch script, submit nothing")
+    return p
+
+
+def option_value(script_args, name):
+    for i, a in enumerate(script_args):
+        if a == name and i + 1 < len(script_args):
+            return script_args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_paths(args, script, script_args):
+    """Every node must see the same folders: catch the usual mistakes before submitting."""
+    if script not in ENTRY_POINTS:
+        raise UserError(f"script must be one of {', '.join(ENTRY_POINTS)}, got {script!r}")
+    out = option_value(script_args, "--output_dir")
+    if out is None:
+        raise UserError("pass --output_dir (a folder on a file system every node shares) to the script")
+    out = os.path.abspath(out)
+    if args.nodes > 1 and out.startswith(NODE_LOCAL):
+        raise UserError(f"output_dir {out} is node-local; with {args.nodes} nodes it must be on a shared file system")
+    data = option_value(script_args, "--data_path")
+    if data is not None and not os.path.isdir(data):
+        raise UserError(f"data_path {data} is not a folder here; it must exist on a file system every node sees")
+    if args.nodes > 1 and REPO.startswith(NODE_LOCAL):
+        raise UserError(f"the code lives in node-local {REPO}; clone it onto a shared file system")
+    return out
+
+
+def sbatch_script(args, script, script_args, output_dir):
+    python = args.python or sys.executable
+    ntasks = args.gpus_per_node
+    # make paths absolute: the job starts in another working directory
+    script_args = [os.path.abspath(a) if prev in ("--output_dir", "--data_path", "--log_dir", "--resume",
+                                                   "--finetune", "--class_subset") else a
+                   for prev, a in zip([None] + script_args[:-1], script_args)]
+    lines = ["#!/bin/bash",
+             f"#SBATCH --job-name={args.job_name or script.replace('main_', '').replace('.py', '')}",
+             f"#SBATCH --nodes={args.nodes}",
+             f"#SBATCH --ntasks-per-node={ntasks}",
+             f"#SBATCH --gpus-per-node={args.gpus_per_node}",
+             f"#SBATCH --cpus-per-task={args.cpus_per_task}",
+             f"#SBATCH --mem-per-gpu={args.mem_per_gpu}",
+             f"#SBATCH --time={args.time}",
+             f"#SBATCH --signal=USR1@{args.signal_before}",
+             "#SBATCH --requeue",
+             "#SBATCH --open-mode=append",
+             f"#SBATCH --output={output_dir}/slurm/%j.out",
+             f"#SBATCH --error={output_dir}/slurm/%j.err"]
+    for opt in ("partition", "account", "qos"):
+        if getattr(args, opt):
+            lines.append(f"#SBATCH --{opt}={getattr(args, opt)}")
+    lines += ["",
+              "set -euo pipefail",
+              'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+              f"export MASTER_PORT={args.master_port}",
+              "export OMP_NUM_THREADS=1",
+              f"cd {shlex.quote(REPO)}",
+              "# one task per GPU; a requeued job runs the same command and auto-resumes",
+              "srun --kill-on-bad-exit=1 " + " ".join(shlex.quote(x) for x in
+                                                     [python, os.path.join(REPO, script), *script_args]),
+              ""]
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv):
+    if "--" not in argv:
+        raise UserError("usage: submit_slurm.py [options] -- SCRIPT [script args]")
+    split = argv.index("--")
+    args = get_args_parser().parse_args(argv[:split])
+    rest = argv[split + 1:]
+    if not rest:
+        raise UserError("name the script to run after --")
+    script, script_args = os.path.basename(rest[0]), rest[1:]
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UserError("--nodes and --gpus_per_node must be >= 1")
+    output_dir = check_paths(args, script, script_args)
+    text = sbatch_script(args, script, script_args, output_dir)
+    if args.dry_run:
+        print(text)
+        return
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found: run this on a SLURM login node (or use --dry_run)")
+    os.makedirs(os.path.join(output_dir, "slurm"), exist_ok=True)
+    path = os.path.join(output_dir, "slurm", "job.sbatch")
+    with open(path, "w") as f:
+        f.write(text)
+    res = subprocess.run(["sbatch", path], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise UserError(f"sbatch failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+    print(res.stdout.strip(), f"(script {path}; logs in {output_dir}/slurm/)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

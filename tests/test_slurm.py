@@ -1,0 +1,56 @@
+"""The SLURM launcher (sbatch + srun, one task per GPU) and the SLURM rank variables."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, TINY, assert_one_line_error, free_port, run_script
+
+
+def test_dry_run_script(tmp_path):
+    out = "/shared/runs/x"  # not created by a dry run
+    proc = run_script("submit_slurm.py", "--nodes", "2", "--gpus_per_node", "4", "--partition", "gpu",
+                      "--time", "4:00:00", "--dry_run", "--", "main_pretrain.py", "--output_dir", out,
+                      "--reg", "tcr", "--centering", "False")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR1@120", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=4:00:00", f"#SBATCH --output={out}/slurm/%j.out"):
+        assert line in text.splitlines(), line
+    assert f"main_pretrain.py --output_dir {out} --reg tcr --centering False" in text
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_launcher_path_problems(tmp_path):
+    assert_one_line_error(run_script("submit_slurm.py", "--nodes", "2", "--dry_run", "--", "main_pretrain.py",
+                                     "--output_dir", "/tmp/run"), "node-local")
+    assert_one_line_error(run_script("submit_slurm.py", "--dry_run", "--", "main_pretrain.py"), "--output_dir")
+    assert_one_line_error(run_script("submit_slurm.py", "--dry_run", "--", "train.py", "--output_dir", tmp_path),
+                          "script must be one of")
+    assert_one_line_error(run_script("submit_slurm.py", "--dry_run", "--", "main_finetune.py", "--output_dir",
+                                     tmp_path, "--data_path", "/nonexistent"), "data_path")
+    if not any(os.access(os.path.join(d, "sbatch"), os.X_OK) for d in os.environ["PATH"].split(os.pathsep)):
+        assert_one_line_error(run_script("submit_slurm.py", "--", "main_pretrain.py", "--output_dir", tmp_path),
+                              "sbatch not found")
+
+
+def test_ranks_from_slurm_variables(tmp_path):
+    """Two tasks started as srun would (SLURM_PROCID/NTASKS/LOCALID) form one gloo job."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY,
+                                       "--batch_size", "8", "--output_dir", str(tmp_path / "o")],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "world size 2" in outs[0][0]
+    state = torch.load(tmp_path / "o" / "checkpoint-0.pth", weights_only=True)
+    assert len(state["rng"]) == 2  # one RNG state per rank
