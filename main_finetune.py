@@ -89,7 +89,8 @@ def build_optimizer(model, args):
     for norm/fc_norm/head. No weight decay on 1-d tensors, cls_token, pos_embed."""
     groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
                                       layer_decay=args.layer_decay)
-    return torch.optim.AdamW(groups, lr=args.lr, fused=torch.device(args.device).type == "cuda")
+    # One fused kernel for all parameters (CUDA, and CPU since torch 2.4), as util/optim.adamw.
+    return torch.optim.AdamW(groups, lr=args.lr, fused=torch.device(args.device).type in ("cuda", "cpu"))
 
 
 @exit_on_user_error

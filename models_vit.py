@@ -97,13 +97,15 @@ MODELS = {f.__name__: f for f in (vit_tiny_patch16, vit_small_patch16, vit_base_
 # ---- loading a pretrained encoder ----------------------------------------------
 def _describe(state_dict):
     """(width, depth, patch size) of the encoder in a state dict."""
-    w = state_dict.get("patch_embed.proj.weight")
+    w = state_dict["patch_embed.proj.weight"]
     depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
-    return (w.shape[0], depth, w.shape[-1]) if w is not None else (None, depth, None)
+    return w.shape[0], depth, w.shape[-1]
 
 
 def _check_size(model, state_dict, path, model_name, pretrained_as):
     """One clear line when the checkpoint holds an encoder of another size."""
+    if "patch_embed.proj.weight" not in state_dict:
+        raise UserError(f"checkpoint {path} holds no ViT encoder (no patch_embed.proj.weight)")
     ours = model.state_dict()
     theirs = _describe(state_dict)
     mine = (model.embed_dim, len(model.blocks), model.patch_embed.patch_size[0])

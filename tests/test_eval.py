@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from PIL import Image
 
 import models_mae
 import models_vit
-from conftest import assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, free_port, run_script
 from main_finetune import build_optimizer
 from main_finetune import get_args_parser as finetune_parser
 from main_linprobe import add_probe_head, lars
@@ -40,7 +42,8 @@ def save_pretrained(out, img_size=16, patch_size=8, model="mae_vit_tiny_patch16"
     """A pretraining checkpoint exactly as main_pretrain.py writes it (save_training)."""
     torch.manual_seed(seed)
     mae = models_mae.MODELS[model](img_size=img_size, patch_size=patch_size, nb_classes=10)
-    args = argparse.Namespace(output_dir=str(out), model=model, input_size=img_size, patch_size=patch_size)
+    args = argparse.Namespace(output_dir=str(out), model=model, input_size=img_size, patch_size=patch_size,
+                              epochs=1, save_every=1)
     opt = torch.optim.AdamW(mae.parameters())
     return mae, ckpt.save_training(args, 0, mae, opt, grad_scaler("cpu", "none"))
 
@@ -309,3 +312,24 @@ def test_bad_input_fails_with_one_line(case, pretrained, tmp_path):
     proc = run_script(script, "--model", "vit_tiny_patch16", *base, *extra)
     assert_one_line_error(proc, fragment)
     assert not os.path.exists(tmp_path / "o" / "checkpoint-0.pth")
+
+
+# ---- launchers ---------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["linprobe.sh", "finetune.sh"])
+def test_launcher_runs_demo_recipe(script, pretrained, tmp_path):
+    """The torchrun launchers: a preset plus pass-through arguments that win over it."""
+    env = {**os.environ, "RECIPE": "demo", "CKPT": pretrained[1], "GPUS_PER_NODE": "1", "BATCH": "16",
+           "OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", os.path.join(REPO, script), "--input_size", "16", "--patch_size", "8",
+                           "--synthetic_size", "32", "--epochs", "1", "--num_workers", "0", "--device", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = read_log(tmp_path / "out")
+    assert [r["epoch"] for r in log] == [0]
+    state = torch.load(tmp_path / "out" / "checkpoint-0.pth", weights_only=True)
+    assert state["args"]["model"] == "vit_tiny_patch16" and state["args"]["input_size"] == 16
+    assert state["args"]["accum_iter"] == 4  # the demo's effective batch 64 with BATCH=16 on 1 GPU
+    bad = subprocess.run(["bash", os.path.join(REPO, script)], env={**env, "RECIPE": "nope"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown RECIPE=nope")

@@ -20,6 +20,7 @@ from torchvision import transforms
 import models_vit
 from engine_finetune import evaluate, train_one_epoch
 from util import checkpoint as ckpt
+from util import preempt
 from util.amp import grad_scaler
 from util.cli import add_bool, check_common_args, seed_everything
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_nb_classes,
@@ -41,12 +42,16 @@ def add_eval_args(parser, model, global_pool):
                    help="classify the cls token (same as --global_pool false)")
     g.add_argument("--eval", action="store_true",
                    help="only evaluate --resume (default: the newest checkpoint in output_dir)")
+    g.add_argument("--keep_last", default=2, type=int,
+                   help="keep the newest N checkpoints (plus every --save_every-th epoch's and the final)")
     return parser
 
 
 def prepare(args):
     """Check the flags (before anything is written), start distributed, seed."""
     check_common_args(args)
+    if args.keep_last < 1:
+        raise UserError(f"--keep_last must be >= 1, got {args.keep_last}")
     if args.model not in models_vit.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_vit.MODELS)}")
     if args.finetune and not os.path.isfile(args.finetune):
@@ -145,6 +150,7 @@ def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
     print("args: " + json.dumps(ckpt.plain_args(args)))
     log_writer = tensorboard_writer(args.log_dir)
 
+    preempt.install_handlers()  # SIGTERM/SIGUSR1: stop after this epoch's checkpoint
     t0 = time.time()
     for epoch in range(start_epoch, args.epochs):
         data.train_loader.sampler.set_epoch(epoch)
@@ -158,8 +164,9 @@ def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
                                "acc1": test["acc1"], "acc5": test["acc5"],
                                "args": ckpt.plain_args(args)}, os.path.join(args.output_dir, BEST))
         print(f"max top-1: {max_acc:.2f}")
-        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler)
+        # Every epoch, so auto-resume loses little; save_training prunes all but the
+        # newest, every --save_every-th and the final checkpoint.
+        ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler)
         if log_writer is not None:
             for k in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f"val/{k}", test[k], epoch)
@@ -167,6 +174,10 @@ def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
         append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
                                      **{f"test_{k}": v for k, v in test.items()},
                                      "max_acc1": max_acc, "epoch": epoch, "n_parameters": n_train})
+        if epoch + 1 < args.epochs and preempt.stop_requested(device):
+            print(f"preempted after epoch {epoch}: checkpoint saved, exiting")
+            preempt.requeue_if_slurm()
+            break
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
     if log_writer is not None:
         log_writer.close()
