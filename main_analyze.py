@@ -220,7 +220,8 @@ def main(args):
                       f"erank {diag['effective_rank']:.1f}, dims99 {diag['dims99']}").save(path)
         print(f"spectrum written to {path}")
         if has_decoder:
-            imgs = torch.stack([dataset_val[i][0] for i in range(min(8, len(dataset_val)))]).to(device)
+            picks = diag_subset(dataset_val, 8)  # spread over the (class-sorted) val set
+            imgs = torch.stack([picks[i][0] for i in range(len(picks))]).to(device)
             path = save_reconstructions(model, imgs, args.mask_ratio, args.output_dir, "analysis")
             print(f"reconstructions written to {path}")
         if args.out_json:

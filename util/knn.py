@@ -54,8 +54,10 @@ def _max_over_ranks(value, device):
 
 @torch.no_grad()
 def knn_accuracy(bank, bank_labels, queries, query_labels, nb_classes, k=20, temperature=0.07,
-                 batch_size=256):
-    """Top-1/top-5 accuracy (%) of weighted kNN; bank/queries are this rank's shards."""
+                 batch_size=128):
+    """Top-1/top-5 accuracy (%) of weighted kNN; bank/queries are this rank's shards.
+    Peak memory: a (batch_size * world) x (bank shard) similarity matrix, i.e.
+    batch_size x the whole bank (650 MB for ImageNet-1K's 1.28M at 128)."""
     device = bank.device
     bank = F.normalize(bank.float(), dim=1)
     queries = F.normalize(queries.float(), dim=1)
@@ -94,11 +96,17 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, nb_classes, k=20, tem
     return {"acc1": 100 * top1 / max(n, 1), "acc5": 100 * top5 / max(n, 1), "n": int(n), "k": k_eff}
 
 
+_BANKS = {}  # the train split with eval transform, built once per run (listing ImageNet takes a while)
+
+
 def knn_monitor(model, dataset_val, device, args, dataset_train=None):
     """kNN accuracy of the model: train split (eval transform) as bank, val as queries."""
     from util.datasets import build_dataset, eval_loader, eval_transform
     if dataset_train is None:
-        dataset_train = build_dataset(args, "train", eval_transform(args.input_size))
+        key = (args.dataset, args.data_path, args.class_subset, args.input_size, args.synthetic_size)
+        if key not in _BANKS:
+            _BANKS[key] = build_dataset(args, "train", eval_transform(args.input_size))
+        dataset_train = _BANKS[key]
     bank, bank_labels = extract_features(model, eval_loader(dataset_train, args), device, args.amp)
     queries, labels = extract_features(model, eval_loader(dataset_val, args), device, args.amp)
     return knn_accuracy(bank, bank_labels, queries, labels, args.nb_classes,
