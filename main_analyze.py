@@ -22,7 +22,7 @@ from util.checkpoint import load_checkpoint
 from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
 from util.datasets import build_dataset, check_nb_classes, eval_loader, eval_transform
 from util.diagnostics import FeatureStats, diag_subset, feature_stats, spectrum_plot, summary_line
-from util.dist import all_reduce_sum, cleanup, get_rank, init_distributed_mode, is_main_process
+from util.dist import all_reduce_sum, cleanup, init_distributed_mode, is_main_process
 from util.errors import UserError, exit_on_user_error
 from util.fast_linear import LABEL, fast_linear_eval
 from util.knn import _all_gather_padded, extract_features, knn_accuracy
@@ -145,12 +145,14 @@ def reconstruction_loss(model, dataset, device, args):
 
 
 def gather_all(x):
-    """Every rank's rows, concatenated in rank order (for the fast linear fit)."""
-    size = int(all_reduce_sum(torch.tensor([x.shape[0]], device=x.device)).item())
+    """Every rank's rows in dataset order: rank r's ShardSampler shard holds items
+    r, r + W, r + 2W, ..., so its j-th row goes to position r + W*j. The linear fit
+    then sees exactly what one process sees."""
     counts = _all_gather_padded(torch.tensor([x.shape[0]], device=x.device), 1).flatten().tolist()
     rows = _all_gather_padded(x, max(counts))
-    out = torch.cat([rows[r, :c] for r, c in enumerate(counts)])
-    assert out.shape[0] == size
+    out = x.new_empty((sum(counts),) + x.shape[1:])
+    for r, c in enumerate(counts):
+        out[r::len(counts)] = rows[r, :c]
     return out
 
 

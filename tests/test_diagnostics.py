@@ -210,35 +210,32 @@ def test_pretraining_logs_diagnostics(pretrained):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
 
 
-def test_analyze_our_checkpoint(pretrained, tmp_path):
+def test_analyze_our_checkpoint_on_one_and_two_processes(pretrained, tmp_path):
     out, _ = pretrained
-    res = tmp_path / "res.json"
-    proc = run_script("main_analyze.py", "--checkpoint", out / "checkpoint-0.pth", "--synthetic_size", "64",
-                      "--num_workers", "0", "--batch_size", "16", "--output_dir", tmp_path, "--out_json", res)
-    assert proc.returncode == 0, proc.stderr
-    r = json.load(open(res))
+    common = ["--checkpoint", out / "checkpoint-0.pth", "--synthetic_size", "64", "--num_workers", "0",
+              "--batch_size", "8"]
+    one = run_script("main_analyze.py", *common, "--output_dir", tmp_path, "--out_json", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    r = json.load(open(tmp_path / "one.json"))
     assert r["model"] == "mae_vit_tiny_patch16" and r["epoch"] == 0
     d = r["diagnostics"]
     assert d["n"] == 16 and 1 <= d["effective_rank"] <= 15 + 1e-6 and len(d["singular_values"]) == 192
     assert 0 <= r["knn"]["acc1"] <= 100 and r["linear"]["label"] == LABEL
     assert r["linear"]["n_train"] == 64 and r["recon_loss"] > 0
     assert (tmp_path / "spectrum.png").is_file() and (tmp_path / "reconstruction-analysis.png").is_file()
-    assert "fast linear (frozen features, not the 90-epoch LARS protocol)" in proc.stdout
+    assert "fast linear (frozen features, not the 90-epoch LARS protocol)" in one.stdout
 
-
-def test_analyze_distributed_equals_one_process(pretrained, tmp_path):
-    out, _ = pretrained
-    common = ["--checkpoint", out / "checkpoint-0.pth", "--synthetic_size", "64", "--num_workers", "0",
-              "--batch_size", "8", "--output_dir", tmp_path]
-    one = run_script("main_analyze.py", *common, "--out_json", tmp_path / "one.json")
-    two = run_script("main_analyze.py", *common, "--out_json", tmp_path / "two.json", torchrun=2)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    a, b = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
-    assert a["knn"] == b["knn"] and a["diagnostics"]["dims99"] == b["diagnostics"]["dims99"]
+    two = run_script("main_analyze.py", *common, "--output_dir", tmp_path / "two", "--out_json",
+                     tmp_path / "two.json", torchrun=2)
+    assert two.returncode == 0, two.stderr
+    b = json.load(open(tmp_path / "two.json"))
+    assert r["knn"] == b["knn"] and r["diagnostics"]["dims99"] == b["diagnostics"]["dims99"]
     for k in ("effective_rank", "uniformity", "tcr"):
-        assert a["diagnostics"][k] == pytest.approx(b["diagnostics"][k], rel=1e-4)
-    assert a["recon_loss"] == pytest.approx(b["recon_loss"], rel=1e-4)
-    assert a["linear"]["n_train"] == b["linear"]["n_train"] == 64
+        assert r["diagnostics"][k] == pytest.approx(b["diagnostics"][k], rel=1e-4)
+    assert r["recon_loss"] == pytest.approx(b["recon_loss"], rel=1e-4)
+    for m in ("logreg", "ridge"):  # features gathered back into dataset order: the same fit
+        # (up to float rounding of the features: at most one of the 16 val images may flip)
+        assert b["linear"][m]["acc1"] == pytest.approx(r["linear"][m]["acc1"], abs=100 / 16 + 1e-6)
 
 
 def test_analyze_official_encoder_only_checkpoint(tmp_path):
