@@ -11,8 +11,8 @@
 Ours is the step of engine_pretrain.train_one_epoch (accum_iter 1): compute_losses under
 util.amp's autocast (bf16 by default on CUDA), GradScaler, util.optim.adamw (fused), set
 to none grads, no host sync; SDPA attention (timm's default); optionally torch.compile
-(--compile, as main_pretrain), oneDNN float32 linears on CPU (--onednn_linear,
-util/cpu_linear.py).
+(--compile, as main_pretrain); on CPU util.cpu_speed's choices (--cpu_tune: oneDNN
+float32 linears, or unfused attention under bf16), or each alone (--onednn_linear, --attn).
 The reference reproduces the official MAE / U-MAE / M-MAE code's choices in the same
 process: unfused attention, fp16 autocast on CUDA / fp32 on CPU, per-parameter AdamW
 (foreach=False, fused=False), no compile, a loss.item() and a gradient-norm computation
@@ -24,6 +24,11 @@ online head's cross-entropy, so they compute the same loss (checked by --smoke /
 Timing: warm-up, then `repeats` rounds; in each round every path runs `steps` steps, the
 paths' order rotating between rounds so that a noisy shared machine hits all of them alike.
 Step times are medians over rounds; speed-ups are ratios of medians from this one run.
+Memory ("mem") is the path's own state between steps (weights, gradients it keeps,
+optimizer state) plus the peak allocated during one extra step above that: exact on CUDA
+(max_memory_allocated), torch's CPU allocator as recorded by the profiler on CPU.
+MFU = 3 x forward FLOPs (model_flops_per_image) x images/s / peak, the peak given by
+--peak_tflops or measured here by a large matmul in our path's dtype.
 """
 import argparse
 import copy
@@ -32,9 +37,9 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +54,7 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 import models_mae  # noqa: E402
 from engine_pretrain import compute_losses  # noqa: E402
 from util.amp import grad_scaler  # noqa: E402
+from util.cpu_speed import onednn_available, set_fused_attn, tune_for_cpu, use_onednn_linear  # noqa: E402
 from util.optim import adamw  # noqa: E402
 
 METHODS = {"mae": ("none", 0.0), "umae": ("uniformity", 1e-2), "mmae": ("tcr", 1e-2)}
@@ -89,13 +95,12 @@ def model_flops_per_image(model, mask_ratio):
 def measure_peak_tflops(device, dtype, n=None, repeats=5):
     """Best matmul throughput of n x n x n on this device and dtype (TFLOP/s). On CPU
     with float32 the oneDNN kernel is timed too and the faster one counts (MKL's sgemm
-    is slow on AMD CPUs, see util/cpu_linear.py)."""
+    is slow on AMD CPUs, see util/cpu_speed.py)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     kernels = {"torch.mm": lambda: a @ b}
     if device.type == "cpu" and dtype == torch.float32:
-        from util.cpu_linear import onednn_available
         if onednn_available():
             kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     best = {}
@@ -114,47 +119,41 @@ def measure_peak_tflops(device, dtype, n=None, repeats=5):
 
 
 # ---- memory ---------------------------------------------------------------------
-def _proc_status_kb(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def state_bytes(model, optimizer):
+    """Bytes held between steps: parameters, gradients still allocated, optimizer state."""
+    tensors = {}
+    for p in model.parameters():
+        for t in (p, p.grad):
+            if t is not None:
+                tensors[t.data_ptr()] = t.numel() * t.element_size()
+    for state in optimizer.state.values():
+        for t in state.values():
+            if torch.is_tensor(t):
+                tensors[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(tensors.values())
 
 
-class PeakMemory:
-    """CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident set
-    (VmHWM, reset through /proc/self/clear_refs; else ru_maxrss, which never resets).
-    CPU numbers are approximate: the allocator keeps freed memory for reuse and a
-    torch.compile in the same stretch adds the compiler's own memory."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def current(self):
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
-        kb = _proc_status_kb("VmRSS")
-        return 1024 * (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-    def reset(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-    def peak(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        kb = _proc_status_kb("VmHWM")
-        return 1024 * (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+def step_peak_bytes(step, device):
+    """Peak bytes allocated during one step above what was allocated before it. CUDA:
+    torch.cuda.max_memory_allocated. CPU: the profiler's record of torch's CPU allocator
+    (oneDNN's own scratch buffers are not seen)."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0] + totals)
 
 
 def sync(device):
@@ -220,11 +219,7 @@ def reference_step(model, optimizer, scaler, samples, targets, args):
 
 def reference_model(model):
     """A copy with the same weights and timm's unfused attention in every block."""
-    ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
-    return ref
+    return set_fused_attn(copy.deepcopy(model), False)
 
 
 def reference_optimizer(model, lr=1e-4, weight_decay=0.05):
@@ -261,13 +256,13 @@ def check_same_loss(fast, ref, samples, targets, cli, methods, num_patches):
     return out
 
 
-def warm_up(paths, steps, mem, base, device):
+def warm_up(paths, steps, device, model, optimizer):
+    """Untimed steps (compilation included), then one step whose peak memory is taken:
+    the path's own state (weights, kept gradients, optimizer state) + the step's peak."""
     for p in paths:
-        mem.reset()
         for _ in range(steps):
             p.step()
-        sync(device)
-        p.peak = mem.peak() - base
+        p.peak = state_bytes(model, optimizer) + step_peak_bytes(p.step, device)
 
 
 class Path:
@@ -285,18 +280,16 @@ def run(cli):
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cli.seed)
     methods = cli.methods.split(",")
-    mem = PeakMemory(device)
-
     samples = torch.randn(cli.batch_size, 3, cli.input_size, cli.input_size, device=device)
     targets = torch.randint(0, cli.nb_classes, (cli.batch_size,), device=device)
 
-    base = mem.current()
     model = build_model(cli).to(device)
     ref = reference_model(model) if not cli.no_reference else None  # same initial weights
-    ref_bytes = sum(t.numel() * t.element_size() for t in ref.parameters()) if ref is not None else 0
+    set_fused_attn(model, cli.attn == "sdpa")
     if cli.onednn_linear:
-        from util.cpu_linear import use_onednn_linear
         use_onednn_linear(model)
+    if cli.cpu_tune and device.type == "cpu":
+        print(f"tune_for_cpu: {tune_for_cpu(model, cli.amp)}")
     fast = compile_model(model, cli) if cli.compile else model
     flops, flop_parts = model_flops_per_image(model, cli.mask_ratio)
 
@@ -308,22 +301,19 @@ def run(cli):
             print(f"check {method}: ours loss {a:.6f}  reference loss {b:.6f}  "
                   f"rel diff {abs(a - b) / max(abs(b), 1e-6):.2e} (tol {rtol:g})  {'ok' if ok else 'MISMATCH'}")
 
-    # Warm-up (compilation included) and peak memory, ours first while the reference
-    # has only its weights (subtracted), so each path's peak counts its own state only.
     optimizer = adamw(model, our_args(cli, "mae"))
     scaler = grad_scaler(device, cli.amp)
     paths = [Path("ours", m, lambda a=our_args(cli, m): our_step(fast, optimizer, scaler, samples, targets, a))
              for m in methods]
     t0 = time.perf_counter()
-    warm_up(paths, cli.warmup, mem, base + ref_bytes, device)
+    warm_up(paths, cli.warmup, device, model, optimizer)
     warmup_s = time.perf_counter() - t0
     if ref is not None:
-        base_ref = mem.current() - ref_bytes
         ref_optimizer = reference_optimizer(ref)
         ref_scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
         ref_paths = [Path("reference", m, lambda a=our_args(cli, m): reference_step(
             ref, ref_optimizer, ref_scaler, samples, targets, a)) for m in methods]
-        warm_up(ref_paths, cli.warmup, mem, base_ref, device)
+        warm_up(ref_paths, cli.warmup, device, ref, ref_optimizer)
         paths += ref_paths
 
     for r in range(cli.repeats):
@@ -343,6 +333,7 @@ def run(cli):
         peak, peak_src = measure_peak_tflops(device, dtype)
 
     results.update(header(cli, device, flops, flop_parts, peak, peak_src, warmup_s))
+    results["fused_adamw"] = bool(optimizer.defaults.get("fused"))
     results["paths"] = []
     for p in paths:
         step_s = statistics.median(p.times)
@@ -362,14 +353,16 @@ def header(cli, device, flops, parts, peak, peak_src, warmup_s):
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "model": cli.model, "input_size": cli.input_size, "patch_size": cli.patch_size,
             "batch_size": cli.batch_size, "amp": cli.amp, "compile": cli.compile,
-            "onednn_linear": cli.onednn_linear, "flops_per_image_fwd": flops, "flop_parts": parts,
+            "onednn_linear": cli.onednn_linear, "attn": cli.attn, "cpu_tune": cli.cpu_tune, "flops_per_image_fwd": flops, "flop_parts": parts,
             "peak_tflops": peak, "peak_source": peak_src, "warmup_s": warmup_s}
 
 
 def report(res):
     print(f"device {res['device']}; torch {res['torch']}, timm {res['timm']}; {res['date']}")
     print(f"model {res['model']} input {res['input_size']} patch {res['patch_size']} batch {res['batch_size']} "
-          f"amp {res['amp']} compile {res['compile']} onednn_linear {res['onednn_linear']}")
+          f"amp {res['amp']} attn {res['attn']} compile {res['compile']} onednn_linear {res['onednn_linear']} "
+          f"cpu_tune {res['cpu_tune']} "
+          f"fused AdamW {res['fused_adamw']}")
     gf = res["flops_per_image_fwd"] / 1e9
     print(f"FLOPs/img: {gf:.4g} GFLOP forward, {3 * gf:.4g} GFLOP per training step (3x); "
           + ", ".join(f"{k} {v / 1e9:.3g}" for k, v in res["flop_parts"].items()))
@@ -379,7 +372,7 @@ def report(res):
     ours = {p["method"]: p for p in res["paths"] if p["path"] == "ours"}
     for p in res["paths"]:
         print(f"{p['path']:9s} {p['method']:4s}  images/s {p['images_per_s']:9.2f}  step {p['step_ms']:9.2f} ms "
-              f"(median of {len(p['step_ms_all'])})  peak mem {p['peak_mem_mib']:8.1f} MiB  "
+              f"(median of {len(p['step_ms_all'])})  mem {p['peak_mem_mib']:8.1f} MiB  "
               f"MFU {100 * p['mfu']:5.1f}%")
     for m, p in ours.items():
         if m in ref:
@@ -412,7 +405,11 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile our model (as main_pretrain --compile)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--compile_mode", default=None)
+    p.add_argument("--cpu_tune", action="store_true",
+                   help="util.cpu_speed.tune_for_cpu on our model (oneDNN linears for fp32, unfused attention for bf16)")
     p.add_argument("--onednn_linear", action="store_true", help="our nn.Linear through oneDNN on CPU fp32")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "unfused"],
+                   help="our attention: SDPA (timm's default) or timm's unfused path")
     p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads")
     p.add_argument("--no_reference", action="store_true", help="time our path only")
     p.add_argument("--check", action="store_true", help="compare the two paths' loss first (exit 1 if not equal)")
@@ -429,6 +426,8 @@ def main(argv=None):
         cli.nb_classes, cli.warmup, cli.steps, cli.repeats, cli.check = 10, 1, 1, 2, True
         if cli.methods == "mae":
             cli.methods = "mae,umae,mmae"
+    if min(cli.batch_size, cli.steps, cli.repeats) < 1 or cli.warmup < 0:
+        sys.exit("error: --batch_size, --steps and --repeats must be >= 1, --warmup >= 0")
     bad = [m for m in cli.methods.split(",") if m not in METHODS]
     if bad:
         sys.exit(f"error: unknown method {bad[0]}; choose from {', '.join(METHODS)}")

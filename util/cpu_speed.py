@@ -1,16 +1,19 @@
-"""float32 nn.Linear on CPU through oneDNN instead of MKL's sgemm (opt-in, CPU only).
+"""CPU-only speed choices for training; the maths is unchanged (benchmarks/RESULTS.md, Speed).
 
-PyTorch sends float32 CPU matmuls to MKL. On AMD CPUs MKL's sgemm takes a slow code
-path: on this project's CPU machine (AMD EPYC, Zen 5, AVX-512) one core does 41-45
-GFLOP/s with it against 90-105 GFLOP/s with oneDNN on the ViT-Tiny layer shapes (see
-benchmarks/RESULTS.md). oneDNN, which PyTorch already ships for bf16 matmuls and
-inductor's frozen inference, chooses its kernels by instruction set, not by vendor.
+tune_for_cpu(model, amp) applies the one that pays for the run's precision:
 
-use_onednn_linear(model) turns every plain nn.Linear into OneDNNLinear, a subclass with
-the same parameters (state_dict keys, checkpoints, DDP and optimizers are unaffected)
-whose float32 CPU forward and backward run through oneDNN; results equal nn.Linear's to
-float32 rounding. Anything else (CUDA, autocast, other dtypes, a torch without oneDNN)
-takes nn.Linear's own path.
+- float32 (amp none): every plain nn.Linear becomes OneDNNLinear, whose forward and
+  backward run through oneDNN instead of MKL's sgemm. On this project's CPU machine (AMD
+  EPYC Zen 5, AVX-512, one core) MKL does 41-45 GFLOP/s on the ViT-Tiny layer shapes and
+  oneDNN 90-105 (MKL likely takes its generic path on non-Intel CPUs; not measured on
+  Intel, where the two should be close). Same parameters, state_dict keys, checkpoints,
+  DDP and optimizer; results equal nn.Linear's to float32 rounding.
+- bf16/fp16 autocast: timm's unfused attention instead of SDPA, whose CPU flash kernel is
+  1.7-10x slower forward+backward in bf16 at 17-257 tokens (float32 SDPA is as fast or
+  faster than unfused, so it stays there).
+
+Anything that is not a CPU float32 linear (CUDA, autocast, torch.compile, a torch without
+oneDNN) takes nn.Linear's own path, so calling this on a CUDA model changes nothing.
 """
 import torch
 import torch.nn as nn
@@ -50,7 +53,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _mm(g2, weight.t()).reshape(x.shape)           # g @ W
         if ctx.needs_input_grad[1]:
-            grad_w = _mm(g2.t(), x.reshape(-1, x.shape[-1]).t())    # g^T @ x
+            grad_w = _mm(g2.t(), x.reshape(-1, x.shape[-1]).t())    # g^T @ x (transposes copied, still faster)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b
@@ -74,3 +77,19 @@ def use_onednn_linear(model):
             m.__class__ = OneDNNLinear
             n += 1
     return n
+
+
+def set_fused_attn(model, fused):
+    """timm Attention modules: F.scaled_dot_product_attention (fused) or q @ k^T, softmax, @ v."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    return model
+
+
+def tune_for_cpu(model, amp):
+    """The CPU choices above for a model that trains with --amp `amp`; returns what was done."""
+    if amp == "none":
+        return f"{use_onednn_linear(model) if onednn_available() else 0} linears through oneDNN"
+    set_fused_attn(model, False)
+    return "unfused attention"
