@@ -8,11 +8,13 @@
     # CI: tiny sizes; also checks that both paths give the same loss, exit 1 if not
     python benchmarks/pretrain_speed.py --smoke
 
-Ours is the step of engine_pretrain.train_one_epoch (accum_iter 1): compute_losses under
-util.amp's autocast (bf16 by default on CUDA), GradScaler, util.optim.adamw (fused), set
-to none grads, no host sync; SDPA attention (timm's default); optionally torch.compile
-(--compile, as main_pretrain); on CPU util.cpu_speed's choices (--cpu_tune: oneDNN
-float32 linears, or unfused attention under bf16), or each alone (--onednn_linear, --attn).
+Ours runs engine_pretrain.train_one_epoch itself (util.train_loop, accum_iter 1) on a list
+of the same synthetic batch: compute_losses under util.amp's autocast (bf16 by default on
+CUDA), GradScaler, util.optim.adamw (fused), set-to-none grads, metrics kept on the device
+(one host sync per round of steps); SDPA attention (timm's default); optionally torch.compile
+(--compile, as main_pretrain); on CPU util.cpu_speed.tune_for_cpu as main_pretrain applies
+it (oneDNN float32 linears, or unfused attention under bf16; --no_cpu_tune to leave it out,
+--onednn_linear / --attn unfused for one of them alone).
 The reference reproduces the official MAE / U-MAE / M-MAE code's choices in the same
 process: unfused attention, fp16 autocast on CUDA / fp32 on CPU, per-parameter AdamW
 (foreach=False, fused=False), no compile, a loss.item() and a gradient-norm computation
@@ -31,8 +33,10 @@ MFU = 3 x forward FLOPs (model_flops_per_image) x images/s / peak, the peak give
 --peak_tflops or measured here by a large matmul in our path's dtype.
 """
 import argparse
+import contextlib
 import copy
 import datetime
+import io
 import json
 import math
 import os
@@ -52,7 +56,7 @@ import torch.nn.functional as F  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
 
 import models_mae  # noqa: E402
-from engine_pretrain import compute_losses  # noqa: E402
+from engine_pretrain import compute_losses, train_one_epoch  # noqa: E402
 from util.amp import grad_scaler  # noqa: E402
 from util.cpu_speed import onednn_available, set_fused_attn, tune_for_cpu, use_onednn_linear  # noqa: E402
 from util.optim import adamw  # noqa: E402
@@ -163,20 +167,21 @@ def sync(device):
 
 # ---- the two training steps -----------------------------------------------------
 def our_args(cli, method):
-    """The fields of main_pretrain's args that compute_losses and adamw read."""
+    """The fields of main_pretrain's args that the training loop, compute_losses and
+    adamw read (constant lr: no warmup, one epoch)."""
     reg, lamb = METHODS[method]
     return argparse.Namespace(amp=cli.amp, mask_ratio=cli.mask_ratio, reg=reg, lamb=lamb,
                               uniformity_mu=1.0, centering=False, weight_decay=0.05, lr=1e-4,
-                              device=str(cli.device))
+                              min_lr=0.0, warmup_epochs=0, epochs=1, accum_iter=1,
+                              batch_size=cli.batch_size, world_size=1, distributed=False,
+                              print_freq=10**9, save_every_steps=0, device=str(cli.device))
 
 
-def our_step(model, optimizer, scaler, samples, targets, args):
-    """engine_pretrain.train_one_epoch's step for accum_iter 1 (without its logging)."""
-    loss, _, _ = compute_losses(model, samples, targets, args)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+def our_steps(model, optimizer, scaler, samples, targets, args, n):
+    """n steps of engine_pretrain.train_one_epoch itself (one 'epoch' of n batches):
+    compute_losses, backward, fused AdamW, on-device metrics, one host sync at the end."""
+    with contextlib.redirect_stdout(io.StringIO()):  # its end-of-epoch lines
+        train_one_epoch(model, [(samples, targets)] * n, optimizer, samples.device, 0, scaler, args)
 
 
 def published_regularizer(features, reg, mu=1.0):
@@ -202,6 +207,11 @@ def grad_norm(parameters):
     """The official get_grad_norm_, computed every step even without clipping."""
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     return torch.norm(torch.stack([torch.norm(g, 2.0) for g in grads]), 2.0)
+
+
+def reference_steps(model, optimizer, scaler, samples, targets, args, n):
+    for _ in range(n):
+        reference_step(model, optimizer, scaler, samples, targets, args)
 
 
 def reference_step(model, optimizer, scaler, samples, targets, args):
@@ -260,15 +270,61 @@ def warm_up(paths, steps, device, model, optimizer):
     """Untimed steps (compilation included), then one step whose peak memory is taken:
     the path's own state (weights, kept gradients, optimizer state) + the step's peak."""
     for p in paths:
-        for _ in range(steps):
-            p.step()
-        p.peak = state_bytes(model, optimizer) + step_peak_bytes(p.step, device)
+        if steps:
+            p.steps(steps)
+        p.peak = state_bytes(model, optimizer) + step_peak_bytes(lambda: p.steps(1), device)
 
 
 class Path:
-    def __init__(self, name, method, step):
-        self.name, self.method, self.step = name, method, step
+    def __init__(self, name, method, steps):
+        self.name, self.method, self.steps = name, method, steps  # steps(n) runs n steps
         self.times, self.peak = [], None
+
+
+def build(cli, device):
+    """Our model (tuned and compiled as main_pretrain would) and the reference copy."""
+    model = build_model(cli).to(device)
+    ref = reference_model(model) if not cli.no_reference else None  # same initial weights
+    set_fused_attn(model, cli.attn == "sdpa")
+    if cli.onednn_linear:
+        use_onednn_linear(model)
+    cli.cpu_tune = device.type == "cpu" and not cli.no_cpu_tune  # as main_pretrain
+    if cli.cpu_tune:
+        print(f"tune_for_cpu: {tune_for_cpu(model, cli.amp)}")
+    fast = compile_model(model, cli) if cli.compile else model
+    return model, fast, ref
+
+
+def make_paths(cli, device, model, fast, ref, samples, targets):
+    """Our path per method, then the reference's; each warmed up with its memory taken.
+    Ours goes first, before the reference's optimizer state exists."""
+    optimizer = adamw(model, our_args(cli, "mae"))
+    scaler = grad_scaler(device, cli.amp)
+    paths = [Path("ours", m, lambda n, a=our_args(cli, m): our_steps(
+        fast, optimizer, scaler, samples, targets, a, n)) for m in cli.methods.split(",")]
+    t0 = time.perf_counter()
+    warm_up(paths, cli.warmup, device, model, optimizer)
+    warmup_s = time.perf_counter() - t0
+    if ref is not None:
+        ref_optimizer = reference_optimizer(ref)
+        ref_scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+        ref_paths = [Path("reference", m, lambda n, a=our_args(cli, m): reference_steps(
+            ref, ref_optimizer, ref_scaler, samples, targets, a, n)) for m in cli.methods.split(",")]
+        warm_up(ref_paths, cli.warmup, device, ref, ref_optimizer)
+        paths += ref_paths
+    return paths, warmup_s, bool(optimizer.defaults.get("fused"))
+
+
+def time_rounds(paths, repeats, steps, device):
+    """Each round runs every path for `steps` steps; the order rotates between rounds."""
+    for r in range(repeats):
+        k = r % len(paths)
+        for p in paths[k:] + paths[:k]:
+            sync(device)
+            t = time.perf_counter()
+            p.steps(steps)
+            sync(device)
+            p.times.append((time.perf_counter() - t) / steps)
 
 
 def run(cli):
@@ -279,61 +335,29 @@ def run(cli):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cli.seed)
-    methods = cli.methods.split(",")
     samples = torch.randn(cli.batch_size, 3, cli.input_size, cli.input_size, device=device)
     targets = torch.randint(0, cli.nb_classes, (cli.batch_size,), device=device)
-
-    model = build_model(cli).to(device)
-    ref = reference_model(model) if not cli.no_reference else None  # same initial weights
-    set_fused_attn(model, cli.attn == "sdpa")
-    if cli.onednn_linear:
-        use_onednn_linear(model)
-    if cli.cpu_tune and device.type == "cpu":
-        print(f"tune_for_cpu: {tune_for_cpu(model, cli.amp)}")
-    fast = compile_model(model, cli) if cli.compile else model
+    model, fast, ref = build(cli, device)
     flops, flop_parts = model_flops_per_image(model, cli.mask_ratio)
 
     results = {"checks": []}
     if cli.check and ref is not None:
-        results["checks"] = check_same_loss(fast, ref, samples, targets, cli, methods,
+        results["checks"] = check_same_loss(fast, ref, samples, targets, cli, cli.methods.split(","),
                                             model.patch_embed.num_patches)
         for method, a, b, rtol, ok in results["checks"]:
-            print(f"check {method}: ours loss {a:.6f}  reference loss {b:.6f}  "
-                  f"rel diff {abs(a - b) / max(abs(b), 1e-6):.2e} (tol {rtol:g})  {'ok' if ok else 'MISMATCH'}")
+            print(f"check {method}: ours loss {a:.6f}  reference loss {b:.6f}  rel diff "
+                  f"{abs(a - b) / max(abs(b), 1e-6):.2e} (tol {rtol:g})  {'ok' if ok else 'MISMATCH'}")
 
-    optimizer = adamw(model, our_args(cli, "mae"))
-    scaler = grad_scaler(device, cli.amp)
-    paths = [Path("ours", m, lambda a=our_args(cli, m): our_step(fast, optimizer, scaler, samples, targets, a))
-             for m in methods]
-    t0 = time.perf_counter()
-    warm_up(paths, cli.warmup, device, model, optimizer)
-    warmup_s = time.perf_counter() - t0
-    if ref is not None:
-        ref_optimizer = reference_optimizer(ref)
-        ref_scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-        ref_paths = [Path("reference", m, lambda a=our_args(cli, m): reference_step(
-            ref, ref_optimizer, ref_scaler, samples, targets, a)) for m in methods]
-        warm_up(ref_paths, cli.warmup, device, ref, ref_optimizer)
-        paths += ref_paths
-
-    for r in range(cli.repeats):
-        k = r % len(paths)
-        for p in paths[k:] + paths[:k]:
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(cli.steps):
-                p.step()
-            sync(device)
-            p.times.append((time.perf_counter() - t) / cli.steps)
+    paths, warmup_s, fused = make_paths(cli, device, model, fast, ref, samples, targets)
+    time_rounds(paths, cli.repeats, cli.steps, device)
 
     if cli.peak_tflops:
         peak, peak_src = cli.peak_tflops, {"--peak_tflops": cli.peak_tflops}
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cli.amp, torch.float32)
         peak, peak_src = measure_peak_tflops(device, dtype)
-
     results.update(header(cli, device, flops, flop_parts, peak, peak_src, warmup_s))
-    results["fused_adamw"] = bool(optimizer.defaults.get("fused"))
+    results["fused_adamw"] = fused
     results["paths"] = []
     for p in paths:
         step_s = statistics.median(p.times)
@@ -353,16 +377,16 @@ def header(cli, device, flops, parts, peak, peak_src, warmup_s):
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "model": cli.model, "input_size": cli.input_size, "patch_size": cli.patch_size,
             "batch_size": cli.batch_size, "amp": cli.amp, "compile": cli.compile,
-            "onednn_linear": cli.onednn_linear, "attn": cli.attn, "cpu_tune": cli.cpu_tune, "flops_per_image_fwd": flops, "flop_parts": parts,
+            "onednn_linear": cli.onednn_linear, "attn": cli.attn, "cpu_tune": cli.cpu_tune,
+            "flops_per_image_fwd": flops, "flop_parts": parts,
             "peak_tflops": peak, "peak_source": peak_src, "warmup_s": warmup_s}
 
 
 def report(res):
     print(f"device {res['device']}; torch {res['torch']}, timm {res['timm']}; {res['date']}")
-    print(f"model {res['model']} input {res['input_size']} patch {res['patch_size']} batch {res['batch_size']} "
-          f"amp {res['amp']} attn {res['attn']} compile {res['compile']} onednn_linear {res['onednn_linear']} "
-          f"cpu_tune {res['cpu_tune']} "
-          f"fused AdamW {res['fused_adamw']}")
+    print(f"model {res['model']} input {res['input_size']} patch {res['patch_size']} "
+          f"batch {res['batch_size']}; ours: amp {res['amp']}, attn {res['attn']}, compile {res['compile']}, "
+          f"cpu_tune {res['cpu_tune']}, onednn_linear {res['onednn_linear']}, fused AdamW {res['fused_adamw']}")
     gf = res["flops_per_image_fwd"] / 1e9
     print(f"FLOPs/img: {gf:.4g} GFLOP forward, {3 * gf:.4g} GFLOP per training step (3x); "
           + ", ".join(f"{k} {v / 1e9:.3g}" for k, v in res["flop_parts"].items()))
@@ -371,9 +395,9 @@ def report(res):
     ref = {p["method"]: p for p in res["paths"] if p["path"] == "reference"}
     ours = {p["method"]: p for p in res["paths"] if p["path"] == "ours"}
     for p in res["paths"]:
-        print(f"{p['path']:9s} {p['method']:4s}  images/s {p['images_per_s']:9.2f}  step {p['step_ms']:9.2f} ms "
-              f"(median of {len(p['step_ms_all'])})  mem {p['peak_mem_mib']:8.1f} MiB  "
-              f"MFU {100 * p['mfu']:5.1f}%")
+        print(f"{p['path']:9s} {p['method']:4s}  images/s {p['images_per_s']:9.2f}  "
+              f"step {p['step_ms']:9.2f} ms (median of {len(p['step_ms_all'])})  "
+              f"mem {p['peak_mem_mib']:8.1f} MiB  MFU {100 * p['mfu']:5.1f}%")
     for m, p in ours.items():
         if m in ref:
             print(f"speed-up {m}: {p['images_per_s'] / ref[m]['images_per_s']:.2f}x "
@@ -382,8 +406,8 @@ def report(res):
         for m in ("umae", "mmae"):
             if m in ours:
                 extra = ours[m]["step_ms"] / ours["mae"]["step_ms"] - 1
-                print(f"regulariser cost {m}: step {ours[m]['step_ms']:.2f} ms vs mae {ours['mae']['step_ms']:.2f} ms "
-                      f"({100 * extra:+.1f}%)")
+                print(f"regulariser cost {m}: step {ours[m]['step_ms']:.2f} ms vs mae "
+                      f"{ours['mae']['step_ms']:.2f} ms ({100 * extra:+.1f}%)")
 
 
 def get_args_parser():
@@ -405,14 +429,16 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile our model (as main_pretrain --compile)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--compile_mode", default=None)
-    p.add_argument("--cpu_tune", action="store_true",
-                   help="util.cpu_speed.tune_for_cpu on our model (oneDNN linears for fp32, unfused attention for bf16)")
+    p.add_argument("--no_cpu_tune", action="store_true",
+                   help="on CPU, leave out util.cpu_speed.tune_for_cpu, which main_pretrain applies "
+                        "(oneDNN linears for fp32, unfused attention under bf16)")
     p.add_argument("--onednn_linear", action="store_true", help="our nn.Linear through oneDNN on CPU fp32")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "unfused"],
                    help="our attention: SDPA (timm's default) or timm's unfused path")
     p.add_argument("--threads", default=None, type=int, help="torch.set_num_threads")
     p.add_argument("--no_reference", action="store_true", help="time our path only")
-    p.add_argument("--check", action="store_true", help="compare the two paths' loss first (exit 1 if not equal)")
+    p.add_argument("--check", action="store_true",
+                   help="compare the two paths' loss first (exit 1 if not equal)")
     p.add_argument("--smoke", action="store_true", help="tiny CI run with --check")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--json", default=None, help="also write the results to this file")

@@ -21,7 +21,7 @@ import pretrain_speed as ps  # noqa: E402
 
 import models_mae  # noqa: E402
 from engine_pretrain import compute_losses  # noqa: E402
-from util.cpu_speed import OneDNNLinear, onednn_available, use_onednn_linear  # noqa: E402
+from util.cpu_speed import OneDNNLinear, onednn_available, tune_for_cpu, use_onednn_linear  # noqa: E402
 from util.datasets import pretrain_transform  # noqa: E402
 from util.gpu_aug import PlanCrop, collate_encoded, decode_augment, read_encoded  # noqa: E402
 from util.optim import adamw  # noqa: E402
@@ -219,6 +219,25 @@ def test_onednn_model_loss_equals_reference():
     samples, targets = batch()
     (*_, ok), = ps.check_same_loss(model, ref, samples, targets, cli(), ["umae"], model.patch_embed.num_patches)
     assert ok
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_tune_for_cpu_picks_by_precision_and_keeps_the_loss():
+    fp32, bf16 = tiny_mae(), tiny_mae()
+    ref = ps.reference_model(fp32)
+    n_linear = sum(type(m) is nn.Linear for m in fp32.modules())
+    keys = list(fp32.state_dict())
+    tune_for_cpu(fp32, "none")
+    assert sum(type(m) is OneDNNLinear for m in fp32.modules()) == n_linear and list(fp32.state_dict()) == keys
+    assert all(m.fused_attn for m in fp32.modules() if hasattr(m, "fused_attn"))
+    tune_for_cpu(bf16, "bf16")
+    assert not any(type(m) is OneDNNLinear for m in bf16.modules())
+    assert not any(m.fused_attn for m in bf16.modules() if hasattr(m, "fused_attn"))
+    samples, targets = batch()
+    for model, amp in ((fp32, "none"), (bf16, "bf16")):
+        checks = ps.check_same_loss(model, ref, samples, targets, cli(amp=amp), ["mae", "mmae"],
+                                    model.patch_embed.num_patches)
+        assert all(ok for *_, ok in checks), checks
 
 
 # ---- device-decode augmentation --------------------------------------------------------
