@@ -2,7 +2,9 @@
 
 Every run pretrains the same model with the same data, schedule and seed
 (main_pretrain.py subprocesses), then main_analyze.py measures the final
-checkpoint: fast linear probe, kNN, effective rank, reconstruction loss.
+checkpoint: fast linear probe, kNN, effective rank, reconstruction loss. The run
+`init` measures the untrained model, the baseline every run starts from.
+Results and their reading: benchmarks/RESULTS.md, "Collapse study".
 
     .venv/bin/python benchmarks/collapse_study.py                    # everything
     .venv/bin/python benchmarks/collapse_study.py --phase pretrain   # then --phase analyze, --phase report
@@ -26,6 +28,7 @@ DEFAULT_TARS = os.path.join(REPO, "..", "shared", "data", "tiny-imagenet-100")
 # name -> regulariser flags; the first three are the main comparison (the
 # published lamb 1e-2), the others a small sweep of lamb, mu and centering.
 RUNS = {
+    "init": None,  # the untrained model (seed 0): where every run starts from
     "mae": [],
     "umae_l0.01": ["--reg", "uniformity", "--lamb", "0.01"],
     "mmae_l0.01": ["--reg", "tcr", "--lamb", "0.01", "--uniformity_mu", "1"],
@@ -125,6 +128,9 @@ def pretrain(args, name, data):
         print(f"[{name}] pretrained already: {final}")
         return
     os.makedirs(out, exist_ok=True)
+    if RUNS[name] is None:
+        save_untrained(args, final)
+        return
     cmd = [sys.executable, "main_pretrain.py", "--model", args.model, "--input_size", str(args.input_size),
            "--patch_size", str(args.patch_size), "--data_path", data, "--epochs", str(args.epochs),
            "--batch_size", str(args.batch_size), "--blr", str(args.blr), "--warmup_epochs",
@@ -136,6 +142,21 @@ def pretrain(args, name, data):
         json.dump({"pretrain_s": wall, "pretrain_cmd": " ".join(cmd[1:])}, f)
 
 
+def save_untrained(args, path):
+    """A checkpoint of the model as main_pretrain.py initialises it, never trained."""
+    sys.path.insert(0, REPO)
+    import torch
+    from main_pretrain import build_model
+    margs = argparse.Namespace(model=args.model, input_size=args.input_size, patch_size=args.patch_size,
+                               norm_pix_loss=False, global_pool=False, nb_classes=100)
+    torch.manual_seed(args.seed)
+    model = build_model(margs)
+    saved = {**vars(margs), "mask_ratio": 0.75, "uniformity_mu": 1.0, "centering": False}
+    torch.save({"model": model.state_dict(), "args": saved, "epoch": -1}, path)
+    with open(os.path.join(os.path.dirname(path), "timing.json"), "w") as f:
+        json.dump({"pretrain_s": 0.0, "pretrain_cmd": "(untrained)"}, f)
+
+
 def analyze(args, name, data):
     out = os.path.join(args.work_dir, name)
     result = os.path.join(out, "analysis.json")
@@ -145,7 +166,9 @@ def analyze(args, name, data):
     cmd = [sys.executable, "main_analyze.py", "--checkpoint", os.path.join(out, f"checkpoint-{args.epochs - 1}.pth"),
            "--data_path", data, "--num_workers", str(args.num_workers), "--device", args.device,
            "--batch_size", "256", "--diag_images", "0", "--train_images", str(args.train_images),
-           "--output_dir", out, "--out_json", result]
+           "--output_dir", out, "--out_json", result,
+           # TCR measured alike for every run (mu 1, no centering), whatever the run trained with
+           "--uniformity_mu", "1", "--centering", "false"]
     wall = run(cmd, os.path.join(out, "analyze.log"))
     path = os.path.join(out, "timing.json")
     timing = json.load(open(path)) if os.path.isfile(path) else {}
@@ -166,9 +189,11 @@ def report(args, names):
             t = json.load(open(os.path.join(out, "timing.json")))
         except FileNotFoundError:
             continue
-        last = [json.loads(l) for l in open(os.path.join(out, "log.txt"))][-1]
+        log = os.path.join(out, "log.txt")
+        last = [json.loads(line) for line in open(log)][-1] if os.path.isfile(log) else {}
         d = a["diagnostics"]
-        rows.append(f"| {name} | {' '.join(RUNS[name]) or '-'} | {a['linear']['acc1']:.2f} | {a['knn']['acc1']:.2f} "
+        flags = "(untrained)" if RUNS[name] is None else " ".join(RUNS[name]) or "-"
+        rows.append(f"| {name} | {flags} | {a['linear']['acc1']:.2f} | {a['knn']['acc1']:.2f} "
                     f"| {d['effective_rank']:.1f} | {d['dims99']} | {d['uniformity']:.4f} | {d['tcr']:.3f} "
                     f"| {a['recon_loss']:.4f} | {last.get('val_online_acc1', float('nan')):.2f} "
                     f"| {t.get('pretrain_s', float('nan')):.0f} | {t.get('analyze_s', float('nan')):.0f} |")
