@@ -207,7 +207,12 @@ def test_pretraining_logs_diagnostics(pretrained):
     assert 0 < stats["diag_uniformity"] <= 1 and math.isfinite(stats["diag_tcr"])
     assert 0 <= stats["val_knn_acc1"] <= stats["val_knn_acc5"] <= 100
     assert "diagnostics: effective rank" in proc.stdout
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out), size_guidance={"images": 0}).Reload()
+    for tag in ("diag/effective_rank", "diag/dims99", "diag/uniformity", "diag/tcr", "val/knn_acc1"):
+        assert tag in events.Tags()["scalars"], events.Tags()
+    assert events.Scalars("diag/effective_rank")[-1].value == pytest.approx(stats["diag_effective_rank"])
+    assert "diag/spectrum" in events.Tags()["images"]
 
 
 def test_analyze_our_checkpoint_on_one_and_two_processes(pretrained, tmp_path):
