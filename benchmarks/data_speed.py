@@ -3,13 +3,15 @@
     python benchmarks/data_speed.py                    # 300 JPEGs of about 500x375, q90
     python benchmarks/data_speed.py --smoke            # CI: a few small files
 
-Writes ImageNet-like JPEGs (smooth random colour fields with texture and noise, about
-500x375 in both orientations, quality 90) to a temporary folder, then times, in this one
+Writes ImageNet-like JPEGs (random colour fields from coarse to fine, plus noise; 500x375
+in both orientations, quality 90, about ImageNet's mean file size of ~110 KB) to a temporary folder, then times, in this one
 process with one thread (= one data-loader worker on one core):
   pil      util.datasets.checked_loader + pretrain_transform (PIL decode,
            RandomResizedCrop(scale 0.2-1, bicubic), flip, ToTensor, Normalize): today's path;
   worker   util.gpu_aug.read_encoded + PlanCrop: what a worker does when the device decodes;
-  tensor   the whole util.gpu_aug path on this CPU (decode_jpeg + crop/resize on tensors).
+  tensor   the whole util.gpu_aug path (decode_jpeg + crop/resize on tensors) on --device:
+           on CPU a per-core rate; on CUDA the GPU's decode + augmentation rate (plus the
+           worker side in the same thread).
 Rates are medians over rounds through all files. The GPU side is an ESTIMATE, not a
 measurement: training images/s of one H100 at --mfu of --peak_tflops (989 dense bf16
 TFLOP/s) from the FLOPs model of benchmarks/pretrain_speed.py, divided by the per-core rate.
@@ -46,8 +48,10 @@ def natural_like(rng, width, height):
         small = rng.uniform(0, 255, size=(cells_y, cells_x, 3)).astype(np.uint8)
         big = Image.fromarray(small).resize((width, height), Image.BICUBIC)
         return (np.asarray(big, dtype=np.float32) - 127.5) * amp
-    img = 127.5 + field(4, 3, 0.9) + field(24, 18, 0.35) + field(120, 90, 0.15)
-    img += rng.normal(0, 4, size=img.shape)
+    # coarse to fine; tuned so that files average about ImageNet's ~110 KB at quality 90
+    img = 127.5 + field(4, 3, 0.9) + field(24, 18, 0.35) + field(width // 4, height // 4, 0.4) \
+        + field(width // 2, height // 2, 0.35)
+    img += rng.normal(0, 10, size=img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
@@ -94,7 +98,9 @@ def run(cli):
             for i in range(0, len(ps), cli.batch_size):
                 items = [plan(read_encoded(p)) for p in ps[i:i + cli.batch_size]]
                 decode_augment([d for d, _ in items], torch.stack([q for _, q in items]),
-                               cli.input_size, "cpu")
+                               cli.input_size, cli.device)
+            if cli.device.startswith("cuda"):
+                torch.cuda.synchronize()
 
         results = {}
         for name, fn in (("pil", pil), ("worker", worker), ("tensor", tensor)):
@@ -126,8 +132,11 @@ def main(argv=None):
     p.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16")
     p.add_argument("--peak_tflops", default=989.0, type=float, help="H100 SXM dense bf16")
     p.add_argument("--mfu", default=0.5, type=float)
+    p.add_argument("--device", default="cpu", help="where the tensor path decodes (cpu or cuda)")
     p.add_argument("--smoke", action="store_true", help="8 small files, 1 round")
     cli = p.parse_args(argv)
+    if cli.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no GPU is available")
     if cli.smoke:
         cli.num_images, cli.width, cli.height, cli.rounds, cli.batch_size = 8, 160, 120, 1, 4
         cli.input_size = 64
@@ -138,7 +147,8 @@ def main(argv=None):
     print(f"{cli.num_images} JPEGs {cli.width}x{cli.height} (a third portrait), quality {cli.quality}, "
           f"mean {mean_kb:.1f} KB; output {cli.input_size}px; 1 thread")
     for name, (r, all_r) in res.items():
-        print(f"{name:7s} images/s per core {r:8.1f}  (rounds: {', '.join(f'{x:.1f}' for x in all_r)})")
+        unit = "images/s on " + cli.device if name == "tensor" and cli.device != "cpu" else "images/s per core"
+        print(f"{name:7s} {unit} {r:8.1f}  (rounds: {', '.join(f'{x:.1f}' for x in all_r)})")
     for name, (flops, ips) in gpu_estimates(cli).items():
         print(f"{name}: {flops / 1e9:.1f} GFLOP per training image; ESTIMATE one GPU at "
               f"{100 * cli.mfu:.0f}% of {cli.peak_tflops:g} TFLOP/s = {ips:.0f} images/s -> "

@@ -291,6 +291,8 @@ def build(cli, device):
     cli.cpu_tune = device.type == "cpu" and not cli.no_cpu_tune  # as main_pretrain
     if cli.cpu_tune:
         print(f"tune_for_cpu: {tune_for_cpu(model, cli.amp)}")
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    cli.attn = "sdpa" if all(fused) else "unfused" if not any(fused) else "mixed"  # what runs
     fast = compile_model(model, cli) if cli.compile else model
     return model, fast, ref
 

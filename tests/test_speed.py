@@ -85,6 +85,13 @@ def test_data_speed_smoke():
     assert len([line for line in proc.stdout.splitlines() if "ESTIMATE" in line and "cores/GPU" in line]) == 2
 
 
+def test_cpu_kernels_runs():
+    proc = run_script("benchmarks/cpu_kernels.py", "--repeats", "1", "--batch_size", "2", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("matmul ") == 6 and proc.stdout.count("attention fwd+bwd") == 4
+    assert re.search(r"AdamW step, .* for-loop [\d.]+ ms, foreach [\d.]+ ms, fused [\d.]+ ms", proc.stdout)
+
+
 # ---- the two paths compute the same thing -----------------------------------------------
 @pytest.mark.parametrize("method", ["mae", "umae", "mmae"])
 def test_our_loss_and_gradients_equal_the_reference(method):

@@ -4,13 +4,14 @@ tune_for_cpu(model, amp) applies the one that pays for the run's precision:
 
 - float32 (amp none): every plain nn.Linear becomes OneDNNLinear, whose forward and
   backward run through oneDNN instead of MKL's sgemm. On this project's CPU machine (AMD
-  EPYC Zen 5, AVX-512, one core) MKL does 41-45 GFLOP/s on the ViT-Tiny layer shapes and
-  oneDNN 90-105 (MKL likely takes its generic path on non-Intel CPUs; not measured on
-  Intel, where the two should be close). Same parameters, state_dict keys, checkpoints,
-  DDP and optimizer; results equal nn.Linear's to float32 rounding.
+  EPYC Zen 5, AVX-512, one core) MKL does 89-98 GFLOP/s on the ViT-Tiny MAE layer shapes
+  and oneDNN 203-220, 2.1-2.3x (benchmarks/cpu_kernels.py; MKL likely takes its generic
+  path on non-Intel CPUs; not measured on Intel, where the two should be close). Same
+  parameters, state_dict keys, checkpoints, DDP and optimizer; results equal
+  nn.Linear's to float32 rounding.
 - bf16/fp16 autocast: timm's unfused attention instead of SDPA, whose CPU flash kernel is
-  1.7-10x slower forward+backward in bf16 at 17-257 tokens (float32 SDPA is as fast or
-  faster than unfused, so it stays there).
+  5-10x slower forward+backward in bf16 at 17 and 65 tokens (1.7-4x at 50-257); in
+  float32 SDPA is as fast or faster than unfused, so it stays there.
 
 Anything that is not a CPU float32 linear (CUDA, autocast, torch.compile, a torch without
 oneDNN) takes nn.Linear's own path, so calling this on a CUDA model changes nothing.
