@@ -31,11 +31,11 @@ NNODES=${NNODES:-${SLURM_NNODES:-1}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-if [ -z "${GPUS_PER_NODE:-}" ]; then
-  GPUS_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
 PYTHON=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ "$PYTHON" = python ] && PYTHON=.venv/bin/python
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+  GPUS_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+fi
 
 EFF=1024; WARMUP=5; DEFAULT_BATCH=128; EXTRA=()
 case "$RECIPE" in

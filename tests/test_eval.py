@@ -318,7 +318,9 @@ def test_bad_input_fails_with_one_line(case, pretrained, tmp_path):
 @pytest.mark.parametrize("script", ["linprobe.sh", "finetune.sh"])
 def test_launcher_runs_demo_recipe(script, pretrained, tmp_path):
     """The torchrun launchers: a preset plus pass-through arguments that win over it."""
-    env = {**os.environ, "RECIPE": "demo", "CKPT": pretrained[1], "GPUS_PER_NODE": "1", "BATCH": "16",
+    env = {k: v for k, v in os.environ.items() if k != "GPUS_PER_NODE"}
+    # no GPU visible: the launcher's own GPU count (through $PYTHON) gives 1 process
+    env = {**env, "CUDA_VISIBLE_DEVICES": "", "RECIPE": "demo", "CKPT": pretrained[1], "BATCH": "16",
            "OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "PYTHON": sys.executable}
     proc = subprocess.run(["bash", os.path.join(REPO, script), "--input_size", "16", "--patch_size", "8",
