@@ -25,15 +25,7 @@ cd "$(dirname "$0")"
 
 RECIPE=${RECIPE:-mae}
 DATA=${DATA:-}
-NNODES=${NNODES:-${SLURM_NNODES:-1}}
-NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-PYTHON=${PYTHON:-python}
-[ -x .venv/bin/python ] && [ "$PYTHON" = python ] && PYTHON=.venv/bin/python
-if [ -z "${GPUS_PER_NODE:-}" ]; then
-  GPUS_PER_NODE=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
+source util/launch_env.sh
 
 EPOCHS=90; WARMUP=10; EXTRA=()
 case "$RECIPE" in
@@ -57,14 +49,11 @@ if [ -z "${CKPT:-}" ]; then
   echo "error: set CKPT to the pretrained checkpoint (ours or an official MAE file)" >&2; exit 2
 fi
 
-WORLD=$((NNODES * GPUS_PER_NODE))
 ACCUM=${ACCUM:-$(( (EFF + WORLD * BATCH - 1) / (WORLD * BATCH) ))}
 DATA_ARGS=()
 [ -n "$DATA" ] && DATA_ARGS=(--data_path "$DATA")
 
-exec "$PYTHON" -m torch.distributed.run \
-  --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+exec "${TORCHRUN[@]}" \
   main_linprobe.py \
   --model "$MODEL" --finetune "$CKPT" --cls_token \
   --batch_size "$BATCH" --accum_iter "$ACCUM" --blr "$BLR" --weight_decay 0 \

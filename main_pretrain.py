@@ -3,7 +3,6 @@
     python main_pretrain.py                        # CPU demo on synthetic data
     torchrun --nproc_per_node 8 main_pretrain.py --data_path /imagenet ...
 """
-import argparse
 import datetime
 import json
 import os
@@ -13,7 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import models_mae
-from engine_pretrain import NonFiniteLoss, evaluate_online, train_one_epoch
+from engine_pretrain import evaluate_online, train_one_epoch
 from loss_func import REG_ALIASES, REG_CHOICES
 from util import checkpoint as ckpt
 from util import preempt
@@ -27,6 +26,7 @@ from util.dist import cleanup, get_rank, init_distributed_mode
 from util.errors import UserError, exit_on_user_error
 from util.metric_logger import append_log, tensorboard_writer
 from util.optim import adamw, scale_lr
+from util.train_loop import run_with_retries
 from util.vis import save_reconstructions
 
 
@@ -53,14 +53,6 @@ def get_args_parser():
     g.add_argument("--vis_every", default=10, type=int, help="reconstruction picture every N epochs (0 = never)")
     g.add_argument("--diag_images", default=1024, type=int, help="val images for the feature diagnostics (0 = off)")
     add_bool(g, "--knn_monitor", False, "kNN accuracy (train bank, eval transform) at every val_interval")
-    g = parser.add_argument_group("survival")
-    g.add_argument("--save_every_steps", default=0, type=int,
-                   help="also checkpoint every N steps within an epoch (0 = only at epoch ends)")
-    g.add_argument("--keep_last", default=2, type=int,
-                   help="keep the newest N checkpoints (plus every --save_every-th epoch's)")
-    g.add_argument("--nan_retries", default=0, type=int,
-                   help="on a non-finite loss, reload the last checkpoint and skip the batch, at most N times")
-    g.add_argument("--inject_nonfinite_step", default=-1, type=int, help=argparse.SUPPRESS)  # for tests
     return parser
 
 
@@ -75,11 +67,6 @@ def check_pretrain_args(args):
         raise UserError(f"--uniformity_mu must be > 0, got {args.uniformity_mu}")
     if not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.save_every_steps < 0 or args.save_every_steps % args.accum_iter:
-        raise UserError(f"--save_every_steps must be a multiple of --accum_iter ({args.accum_iter}), "
-                        f"got {args.save_every_steps}")
-    if args.keep_last < 1 or args.nan_retries < 0:
-        raise UserError("--keep_last must be >= 1 and --nan_retries >= 0")
     if args.model not in models_mae.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_mae.MODELS)}")
 
@@ -156,7 +143,6 @@ def main(args):
     eff_batch = scale_lr(args)
     optimizer = adamw(model_without_ddp, args)
     scaler = grad_scaler(device, args.amp)
-    args.skip_steps = set()
     ckpt.resume_training(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
@@ -176,27 +162,11 @@ def main(args):
 
     preempt.install_handlers()
     t0 = time.time()
-    retries = 0
-    while True:
-        try:
-            run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, dataset_val, vis_imgs,
-                       log_writer)
-            break
-        except NonFiniteLoss as e:
-            # Reload the last good checkpoint and step over the offending batch.
-            if retries >= args.nan_retries or not ckpt.list_checkpoints(args.output_dir):
-                raise
-            retries += 1
-            print(f"{e}\nretry {retries}/{args.nan_retries}: reloading the last checkpoint, "
-                  f"skipping epoch {e.epoch} step {e.step}")
-            args.skip_steps.add((e.epoch, e.step))
-            args.resume, args.auto_resume = "", True
-            ckpt.resume_training(args, model_without_ddp, optimizer, scaler)
-        except preempt.Preempted as e:
-            print(f"{e}: checkpoint saved, exiting")
-            preempt.requeue_if_slurm()
-            break
-
+    run_with_retries(
+        args,
+        lambda: run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, dataset_val,
+                           vis_imgs, log_writer),
+        lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler))
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
     if log_writer is not None:
         log_writer.close()

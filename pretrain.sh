@@ -25,19 +25,10 @@ cd "$(dirname "$0")"
 RECIPE=${RECIPE:-mae}
 LAMB=${LAMB:-1e-2}
 DATA=${DATA:-}
-NNODES=${NNODES:-${SLURM_NNODES:-1}}
-NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-if [ -z "${GPUS_PER_NODE:-}" ]; then
-  GPUS_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-fi
-PYTHON=${PYTHON:-python}
-[ -x .venv/bin/python ] && [ "$PYTHON" = python ] && PYTHON=.venv/bin/python
+source util/launch_env.sh
 
 # 8 x 128 = 1024 images per update; keep it at other GPU counts with accum_iter.
 BATCH=${BATCH:-128}
-WORLD=$((NNODES * GPUS_PER_NODE))
 ACCUM=${ACCUM:-$(( (1024 + WORLD * BATCH - 1) / (WORLD * BATCH) ))}
 
 case "$RECIPE" in
@@ -53,9 +44,7 @@ esac
 DATA_ARGS=()
 [ -n "$DATA" ] && DATA_ARGS=(--data_path "$DATA")
 
-exec "$PYTHON" -m torch.distributed.run \
-  --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+exec "${TORCHRUN[@]}" \
   main_pretrain.py \
   --model "$MODEL" --batch_size "$BATCH" --accum_iter "$ACCUM" \
   --epochs 200 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 \

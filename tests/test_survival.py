@@ -20,13 +20,19 @@ RUN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", 
        "--reg", "tcr", "--lamb", "0.1", "--keep_last", "3"]
 
 
-def launch(out, *extra, torchrun=0):
+# The same for the linear probe and fine-tuning (random encoder: no --finetune needed).
+EVAL_RUN = ["--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--batch_size", "16",
+            "--synthetic_size", "64", "--num_workers", "1", "--epochs", "2", "--warmup_epochs", "1",
+            "--print_freq", "2", "--save_every_steps", "1", "--keep_last", "3"]
+
+
+def launch(out, *extra, torchrun=0, script="main_pretrain.py", base=RUN):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable]
     if torchrun:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd += [os.path.join(REPO, "main_pretrain.py"), *RUN, "--output_dir", str(out), *map(str, extra)]
+    cmd += [os.path.join(REPO, script), *base, "--output_dir", str(out), *map(str, extra)]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -148,3 +154,33 @@ def test_two_process_run_killed_and_relaunched_with_torchrun(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in stdout
     assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
+
+
+def test_linprobe_killed_and_preempted_continues_exactly(tmp_path):
+    kw = dict(script="main_linprobe.py", base=EVAL_RUN)
+    ref = launch(tmp_path / "ref", **kw)
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-2000:]
+    out = tmp_path / "run"
+    proc = launch(out, **kw)
+    wait_for_position(proc, out, (0, 2))
+    kill_group(proc, signal.SIGKILL)
+    proc = launch(out, **kw)
+    seen = wait_for_position(proc, out, (1, 1))
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "preempted" in stdout, err[-2000:]
+    assert position(out) > seen
+    proc = launch(out, **kw)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "resumed from" in stdout, err[-2000:]
+    assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
+
+
+def test_finetune_nonfinite_retry(tmp_path):
+    out = tmp_path / "ft"
+    proc = launch(out, "--inject_nonfinite_step", "5", "--nan_retries", "1", script="main_finetune.py",
+                  base=EVAL_RUN)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "non-finite loss at epoch 1 step 1" in stdout and "skipping epoch 1 step 1" in stdout

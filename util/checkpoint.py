@@ -54,6 +54,8 @@ def load_checkpoint(path):
     """Load with weights_only=True; every failure becomes one clear line."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives (torch >= 1.6)
+        raise UserError(f"checkpoint {path} is truncated or corrupt (not a torch zip archive)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -67,6 +67,15 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     g.add_argument("--save_every", default=20, type=int, help="keep a checkpoint every N epochs")
     g.add_argument("--print_freq", default=20, type=int, help="console/TensorBoard every N steps")
 
+    g = parser.add_argument_group("survival")
+    g.add_argument("--save_every_steps", default=0, type=int,
+                   help="also checkpoint every N steps within an epoch (0 = only at epoch ends)")
+    g.add_argument("--keep_last", default=2, type=int,
+                   help="keep the newest N checkpoints (plus every --save_every-th epoch's and the final)")
+    g.add_argument("--nan_retries", default=0, type=int,
+                   help="on a non-finite loss, reload the last checkpoint and skip the batch, at most N times")
+    g.add_argument("--inject_nonfinite_step", default=-1, type=int, help=argparse.SUPPRESS)  # for tests
+
     g = parser.add_argument_group("distributed (set by torchrun)")
     g.add_argument("--world_size", default=1, type=int)
     g.add_argument("--local_rank", "--local-rank", default=-1, type=int)
@@ -80,6 +89,12 @@ def check_common_args(args):
     for name in ("batch_size", "epochs", "accum_iter", "input_size", "save_every", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.save_every_steps < 0 or args.save_every_steps % args.accum_iter:
+        raise UserError(f"--save_every_steps must be a multiple of --accum_iter ({args.accum_iter}), "
+                        f"got {args.save_every_steps}")
+    if args.keep_last < 1 or args.nan_retries < 0:
+        raise UserError("--keep_last must be >= 1 and --nan_retries >= 0")
+    args.skip_steps = set()  # (epoch, step) pairs that --nan_retries steps over
     if args.num_workers < 0:
         raise UserError("--num_workers must be >= 0")
     if args.data_path is not None and not os.path.isdir(args.data_path):

@@ -28,6 +28,7 @@ from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_nb_
 from util.dist import cleanup, get_rank, init_distributed_mode
 from util.errors import UserError
 from util.metric_logger import append_log, tensorboard_writer
+from util.train_loop import run_with_retries
 
 BEST = "checkpoint-best.pth"
 
@@ -42,16 +43,12 @@ def add_eval_args(parser, model, global_pool):
                    help="classify the cls token (same as --global_pool false)")
     g.add_argument("--eval", action="store_true",
                    help="only evaluate --resume (default: the newest checkpoint in output_dir)")
-    g.add_argument("--keep_last", default=2, type=int,
-                   help="keep the newest N checkpoints (plus every --save_every-th epoch's and the final)")
     return parser
 
 
 def prepare(args):
     """Check the flags (before anything is written), start distributed, seed."""
     check_common_args(args)
-    if args.keep_last < 1:
-        raise UserError(f"--keep_last must be >= 1, got {args.keep_last}")
     if args.model not in models_vit.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_vit.MODELS)}")
     if args.finetune and not os.path.isfile(args.finetune):
@@ -127,7 +124,7 @@ def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
     device = torch.device(args.device)
     model_without_ddp = model
     scaler = grad_scaler(device, args.amp)
-    start_epoch = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)
+    ckpt.resume_training(args, model_without_ddp, optimizer, scaler)
     if get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.eval:
@@ -150,34 +147,42 @@ def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
     print("args: " + json.dumps(ckpt.plain_args(args)))
     log_writer = tensorboard_writer(args.log_dir)
 
-    preempt.install_handlers()  # SIGTERM/SIGUSR1: stop after this epoch's checkpoint
+    def save(epoch, step=None, logger_totals=None):
+        extra = {"skip_steps": sorted(args.skip_steps), "logger_totals": logger_totals}
+        ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler, step, extra)
+
+    def epochs():
+        nonlocal max_acc
+        for epoch in range(args.start_epoch, args.epochs):
+            start_step = args.start_step if epoch == args.start_epoch else 0
+            data.train_loader.sampler.set_epoch(epoch)
+            data.train_loader.sampler.start_index = start_step * args.batch_size
+            train_stats = train_one_epoch(model, criterion, data.train_loader, optimizer, device, epoch,
+                                          scaler, args, mixup_fn, clip_grad, log_writer, start_step, save)
+            test = evaluate(model_without_ddp, data.val_loader, device, args)
+            _report(f"epoch {epoch}", test)
+            if test["acc1"] > max_acc:
+                max_acc = test["acc1"]
+                ckpt.save_on_main({"model": model_without_ddp.state_dict(), "epoch": epoch,
+                                   "acc1": test["acc1"], "acc5": test["acc5"],
+                                   "args": ckpt.plain_args(args)}, os.path.join(args.output_dir, BEST))
+            print(f"max top-1: {max_acc:.2f}")
+            # Every epoch, so auto-resume loses little; save_training prunes all but the
+            # newest, every --save_every-th and the final checkpoint.
+            save(epoch)
+            if log_writer is not None:
+                for k in ("acc1", "acc5", "loss"):
+                    log_writer.add_scalar(f"val/{k}", test[k], epoch)
+                log_writer.flush()
+            append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                         **{f"test_{k}": v for k, v in test.items()},
+                                         "max_acc1": max_acc, "epoch": epoch, "n_parameters": n_train})
+            if epoch + 1 < args.epochs and preempt.stop_requested(device):
+                raise preempt.Preempted(f"preempted after epoch {epoch}")
+
+    preempt.install_handlers()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0
     t0 = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        data.train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, data.train_loader, optimizer, device, epoch,
-                                      scaler, args, mixup_fn, clip_grad, log_writer)
-        test = evaluate(model_without_ddp, data.val_loader, device, args)
-        _report(f"epoch {epoch}", test)
-        if test["acc1"] > max_acc:
-            max_acc = test["acc1"]
-            ckpt.save_on_main({"model": model_without_ddp.state_dict(), "epoch": epoch,
-                               "acc1": test["acc1"], "acc5": test["acc5"],
-                               "args": ckpt.plain_args(args)}, os.path.join(args.output_dir, BEST))
-        print(f"max top-1: {max_acc:.2f}")
-        # Every epoch, so auto-resume loses little; save_training prunes all but the
-        # newest, every --save_every-th and the final checkpoint.
-        ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler)
-        if log_writer is not None:
-            for k in ("acc1", "acc5", "loss"):
-                log_writer.add_scalar(f"val/{k}", test[k], epoch)
-            log_writer.flush()
-        append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                     **{f"test_{k}": v for k, v in test.items()},
-                                     "max_acc1": max_acc, "epoch": epoch, "n_parameters": n_train})
-        if epoch + 1 < args.epochs and preempt.stop_requested(device):
-            print(f"preempted after epoch {epoch}: checkpoint saved, exiting")
-            preempt.requeue_if_slurm()
-            break
+    run_with_retries(args, epochs, lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler))
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
     if log_writer is not None:
         log_writer.close()

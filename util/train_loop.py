@@ -133,3 +133,28 @@ def train_steps(model, data_loader, optimizer, scaler, device, epoch, args, step
             optimizer.zero_grad(set_to_none=True)
     check_finite()
     return logger.global_avg()
+
+
+def run_with_retries(args, run, reload):
+    """Call run() (the epoch loop). On a non-finite loss with --nan_retries left,
+    reload() the newest checkpoint in output_dir and run again, stepping over the
+    offending batch. On preemption (the checkpoint is already written) requeue the
+    SLURM job and return normally, so the process exits 0."""
+    from util.checkpoint import list_checkpoints
+    retries = 0
+    while True:
+        try:
+            return run()
+        except NonFiniteLoss as e:
+            if retries >= args.nan_retries or not list_checkpoints(args.output_dir):
+                raise
+            retries += 1
+            print(f"{e}\nretry {retries}/{args.nan_retries}: reloading the last checkpoint, "
+                  f"skipping epoch {e.epoch} step {e.step}")
+            args.skip_steps.add((e.epoch, e.step))
+            args.resume, args.auto_resume = "", True
+            reload()
+        except preempt.Preempted as e:
+            print(f"{e}: checkpoint saved, exiting")
+            preempt.requeue_if_slurm()
+            return None
