@@ -47,9 +47,12 @@ def init_distributed_mode(args):
     """Fill args.rank/world_size/gpu/distributed from the launcher's environment and
     initialise the process group (NCCL on CUDA, gloo on CPU)."""
     env = os.environ
+    if getattr(args, "dist_on_itp", False) and "OMPI_COMM_WORLD_RANK" in env:  # MPI launchers (MAE's ITP)
+        env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+        env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
     if "RANK" in env and "WORLD_SIZE" in env:
         args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
+        args.gpu = int(env.get("LOCAL_RANK", max(getattr(args, "local_rank", 0), 0)))  # or --local-rank
     elif "SLURM_PROCID" in env and "MASTER_ADDR" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         args.gpu = int(env.get("SLURM_LOCALID", 0))
@@ -65,7 +68,8 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
     backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", world_size=args.world_size,
+    dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
+                            world_size=args.world_size,
                             rank=args.rank)
     _silence_non_main(args.rank == 0)
     print(f"| distributed init rank {args.rank}/{args.world_size} backend {backend}", force=True)
