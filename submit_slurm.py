@@ -66,8 +66,9 @@ def check_paths(args, script, script_args):
     data = option_value(script_args, "--data_path")
     if data is not None and not os.path.isdir(data):
         raise UserError(f"data_path {data} is not a folder here; it must exist on a file system every node sees")
-    if args.nodes > 1 and REPO.startswith(NODE_LOCAL):
-        raise UserError(f"the code lives in node-local {REPO}; clone it onto a shared file system")
+    if args.nodes > 1 and REPO.startswith(NODE_LOCAL):  # fine only if every node has the same copy there
+        print(f"warning: the code lives in node-local {REPO}; every node needs the same copy at this path",
+              file=sys.stderr)
     return out
 
 
