@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from loss_func import regularizer_loss
 from util.amp import autocast
 from util.dist import all_reduce_sum
-from util.train_loop import NonFiniteLoss, accumulation_groups, train_steps  # noqa: F401 (re-exported)
+from util.train_loop import train_steps
 
 
 def compute_losses(model, samples, targets, args, noise=None):

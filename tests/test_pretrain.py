@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_one_line_error, run_script
-from engine_pretrain import accumulation_groups
+from util.train_loop import accumulation_groups
 from main_pretrain import get_args_parser
 
 

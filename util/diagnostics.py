@@ -59,7 +59,7 @@ class FeatureStats:
     def compute(self, uniformity_mu=1.0, centering=False):
         if self.n < 2:
             raise ValueError("diagnostics need at least 2 feature vectors")
-        m, d = self.n.item(), self.dim
+        m = self.n.item()
         # Scatter of the centred features: sum (z - mean)(z - mean)^T = Z^T Z - m mean mean^T.
         mean = self.sum / m
         scatter = self.gram - m * torch.outer(mean, mean)
