@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from loss_func import regularizer_loss
 from util.amp import autocast
-from util.dist import all_reduce_sum
-from util.train_loop import train_steps
+from util.train_loop import evaluate, train_steps
 
 
 def compute_losses(model, samples, targets, args, noise=None):
@@ -40,23 +39,18 @@ def train_one_epoch(model, data_loader, optimizer, device, epoch, scaler, args, 
                        log_writer, start_step, save_fn)
 
 
-@torch.no_grad()
+class OnlineProbe(torch.nn.Module):
+    """The online head on full images (mask ratio 0, no decoder), as a classifier."""
+
+    def __init__(self, mae):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, imgs):
+        return self.mae.online_predict(imgs)
+
+
 def evaluate_online(model, data_loader, device, args):
-    """Online head's top-1/top-5 on full (unmasked) images. Each rank takes its own
-    shard without padding and the counts are summed: equal to one process."""
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, n
-    for samples, targets in data_loader:
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, args.amp):
-            logits = model.online_predict(samples)
-        k = min(5, logits.shape[-1])
-        topk = logits.float().topk(k, dim=-1).indices
-        hit = topk == targets[:, None]
-        counts += torch.stack([hit[:, 0].sum(), hit.any(dim=-1).sum(),
-                               torch.tensor(len(targets), device=device)]).double()
-    all_reduce_sum(counts)
-    top1, top5, n = counts.tolist()
-    model.train()
-    return {"acc1": 100 * top1 / max(n, 1), "acc5": 100 * top5 / max(n, 1), "n": int(n)}
+    """Online head's top-1/top-5 on the val split, exact over any number of ranks
+    (util.train_loop.evaluate). Pass the model without DDP."""
+    return evaluate(OnlineProbe(model), data_loader, device, args)

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 import models_vit
-from engine_finetune import evaluate, train_one_epoch
+from engine_finetune import train_one_epoch
 from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler
@@ -28,7 +28,7 @@ from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_nb_
 from util.dist import cleanup, get_rank, init_distributed_mode
 from util.errors import UserError
 from util.metric_logger import append_log, tensorboard_writer
-from util.train_loop import run_with_retries
+from util.train_loop import evaluate, run_with_retries
 
 BEST = "checkpoint-best.pth"
 

@@ -7,14 +7,17 @@ warmup + cosine schedule (times each group's lr_scale). Metrics stay on the
 device and are read back every print_freq steps only. Group boundaries are
 where checkpoints are taken: every --save_every_steps steps and when preemption
 is requested (then Preempted is raised after the checkpoint is written).
+`evaluate` is the val loop of every entry point, exact over any number of ranks.
 """
 import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
 from util import preempt
-from util.dist import is_dist
+from util.amp import autocast
+from util.dist import all_reduce_sum, is_dist
 from util.errors import UserError
 from util.lr_sched import adjust_learning_rate
 from util.metric_logger import MetricLogger
@@ -158,3 +161,28 @@ def run_with_retries(args, run, reload):
             print(f"{e}: checkpoint saved, exiting")
             preempt.requeue_if_slurm()
             return None
+
+
+@torch.no_grad()
+def evaluate(model, data_loader, device, args):
+    """Top-1/top-5 and cross-entropy on the val split. Each rank takes its own shard
+    (util.datasets.ShardSampler, no padding) and the sums are all-reduced, so any
+    number of processes gives the numbers of one. Pass the model without DDP: ranks
+    may run different numbers of batches."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, n
+    for samples, targets in data_loader:
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, args.amp):
+            logits = model(samples)
+        logits = logits.float()
+        topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hit = topk == targets[:, None]
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        sums += torch.stack([hit[:, 0].sum(), hit.any(dim=-1).sum(), loss,
+                             torch.tensor(len(targets), device=device)]).double()
+    all_reduce_sum(sums)
+    top1, top5, loss, n = sums.tolist()
+    n_ = max(n, 1)
+    return {"acc1": 100 * top1 / n_, "acc5": 100 * top5 / n_, "loss": loss / n_, "n": int(n)}
