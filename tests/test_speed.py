@@ -149,11 +149,14 @@ def test_published_regularizers_equal_ours():
     torch.testing.assert_close(ps.published_regularizer(f, "tcr", 3.0), uniformity_loss_TCR(f, 3.0))
 
 
-def test_compile_gives_the_eager_loss_and_gradients():
+@pytest.mark.parametrize("cpu_tune", [False, True])
+def test_compile_gives_the_eager_loss_and_gradients(cpu_tune):
     # aot_eager: dynamo + AOTAutograd as inductor sees them; inductor's own C++ build of
     # even this tiny model takes 70+ s on the 2-core CI machine (checked by hand and by
     # `pretrain_speed.py --check --compile`, see benchmarks/RESULTS.md).
     model = tiny_mae()
+    if cpu_tune:  # the oneDNN linear custom ops stay in the graph (fullgraph)
+        tune_for_cpu(model, "none")
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph breaks
     samples, targets = batch()
     noise = torch.rand(8, model.patch_embed.num_patches)
@@ -215,6 +218,25 @@ def test_onednn_linear_equals_nn_linear():
     torch.testing.assert_close(fast.bias.grad, lin.bias.grad, rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # falls back to nn.Linear's autocast path
         assert fast(x).dtype == torch.bfloat16
+    fast.weight.requires_grad_(False)  # a frozen weight gets no gradient computed
+    fast.weight.grad = x.grad = None
+    fast(x).backward(g)
+    assert fast.weight.grad is None and x.grad is not None
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_onednn_ops_pass_torch_opcheck():
+    # schema, fake (meta) kernels, autograd registration, AOT dispatch: what compile relies on
+    from util.cpu_speed import onednn_linear, onednn_linear_backward
+    x, w, b = torch.randn(3, 5, 24, requires_grad=True), torch.randn(40, 24, requires_grad=True), torch.randn(40)
+    for args in ((x, w, b), (x, w, None)):
+        torch.library.opcheck(onednn_linear, args)
+    g = torch.randn(3, 5, 40)
+    for need_x, need_w in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(onednn_linear_backward, (g, x.detach(), w.detach(), need_x, need_w))
+    wide = torch.randn(3, 5, 8)  # output narrower than the input: the other transposed copy
+    gx, gw = onednn_linear_backward(wide, x.detach(), torch.randn(8, 24), True, True)
+    torch.testing.assert_close(gw, wide.reshape(-1, 8).t() @ x.detach().reshape(-1, 24), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")

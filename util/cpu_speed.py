@@ -13,12 +13,17 @@ tune_for_cpu(model, amp) applies the one that pays for the run's precision:
   5-10x slower forward+backward in bf16 at 17 and 65 tokens (1.7-4x at 50-257); in
   float32 SDPA is as fast or faster than unfused, so it stays there.
 
-Anything that is not a CPU float32 linear (CUDA, autocast, torch.compile, a torch without
-oneDNN) takes nn.Linear's own path, so calling this on a CUDA model changes nothing.
+The oneDNN linear is a torch.library custom op with its own backward op, so
+torch.compile keeps both as kernels and fuses the elementwise work around them.
+Anything that is not a CPU float32 linear (CUDA, autocast, a torch without oneDNN)
+takes nn.Linear's own path, so calling this on a CUDA model changes nothing.
 """
+from typing import Optional, Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def onednn_available():
@@ -32,46 +37,77 @@ def _autocast_on():
         return torch.is_autocast_cpu_enabled()
 
 
-def _mm(a, b_t):
-    """a @ b_t.T with oneDNN (both 2-d float32)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+def _mm_nt(a, b):
+    """a @ b.T with oneDNN (2-d float32; b may be a strided view, read in place)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
-class _OneDNNLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+# Custom ops (not an autograd.Function) so that torch.compile keeps them as opaque
+# kernels and fuses the elementwise work around them; the backward is itself an op.
+@torch.library.custom_op("mae_cpu::linear", mutates_args=())
+def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _mm(g2, weight.t()).reshape(x.shape)           # g @ W
-        if ctx.needs_input_grad[1]:
-            grad_w = _mm(g2.t(), x.reshape(-1, x.shape[-1]).t())    # g^T @ x (transposes copied, still faster)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("mae_cpu::linear_backward", mutates_args=())
+def onednn_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, need_x: bool,
+                           need_w: bool) -> Tuple[Tensor, Tensor]:
+    """(grad_x = g @ W, grad_w = g^T @ x); an unneeded one is returned empty."""
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad_x = _mm_nt(g2, weight.t()).reshape(x.shape) if need_x else x.new_empty(0)
+    if not need_w:
+        grad_w = weight.new_empty(0)
+    elif g2.shape[1] <= x2.shape[1]:
+        # The contraction runs over the rows: copy the narrower operand transposed and
+        # let oneDNN read the other as a strided view.
+        grad_w = _mm_nt(g2.t().contiguous(), x2.t())
+    else:
+        grad_w = _mm_nt(x2.t().contiguous(), g2.t()).t().contiguous()
+    return grad_x, grad_w
+
+
+@onednn_linear_backward.register_fake
+def _(grad, x, weight, need_x, need_w):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0))
+
+
+def _save(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    grad_x, grad_w = onednn_linear_backward(grad, x, weight, need_x, need_w)
+    grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and need_b else None
+    return (grad_x if need_x else None), (grad_w if need_w else None), grad_b
+
+
+onednn_linear.register_autograd(_backward, setup_context=_save)
 
 
 class OneDNNLinear(nn.Linear):
     def forward(self, x):
-        # Under torch.compile, inductor lowers this oneDNN op only for constant (frozen)
-        # weights, so compiled models keep F.linear.
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not _autocast_on() and not torch.compiler.is_compiling() and onednn_available()):
-            return _OneDNNLinearFn.apply(x, self.weight, self.bias)
+                and not _autocast_on()):
+            return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 def use_onednn_linear(model):
-    """Switch model's plain nn.Linear modules to OneDNNLinear in place; returns how many."""
+    """Switch model's plain nn.Linear modules to OneDNNLinear in place; returns how many
+    (none on a torch without oneDNN)."""
+    if not onednn_available():
+        return 0
     n = 0
     for m in model.modules():
         if type(m) is nn.Linear:
@@ -91,6 +127,6 @@ def set_fused_attn(model, fused):
 def tune_for_cpu(model, amp):
     """The CPU choices above for a model that trains with --amp `amp`; returns what was done."""
     if amp == "none":
-        return f"{use_onednn_linear(model) if onednn_available() else 0} linears through oneDNN"
+        return f"{use_onednn_linear(model)} linears through oneDNN"
     set_fused_attn(model, False)
     return "unfused attention"
