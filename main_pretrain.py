@@ -24,6 +24,7 @@ from util.datasets import (build_dataset, check_nb_classes, eval_loader, eval_tr
                            pretrain_transform, train_loader)
 from util.dist import cleanup, get_rank, init_distributed_mode
 from util.errors import UserError, exit_on_user_error
+from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_encoded
 from util.metric_logger import append_log, tensorboard_writer
 from util.optim import adamw, scale_lr
 from util.train_loop import run_with_retries
@@ -41,6 +42,9 @@ def get_args_parser():
     add_bool(g, "--norm_pix_loss", False, "reconstruct per-patch normalised pixels")
     add_bool(g, "--global_pool", False, "regularise/probe the mean patch token instead of cls")
     add_bool(g, "--compile", False, "torch.compile the model")
+    add_bool(parser.add_argument_group("data"), "--gpu_decode", False,
+             "workers only read JPEG files; decode (nvjpeg on CUDA) and augment on --device "
+             "(util/gpu_aug.py): for when the CPU cores can't keep up with the GPU")
     g = parser.add_argument_group("regulariser")
     g.add_argument("--reg", default="none",
                    help="none | uniformity (U-MAE) | tcr (M-MAE); published spellings spectral, square, TCR")
@@ -80,6 +84,22 @@ def build_model(args):
         return models_mae.MODELS[args.model](**kwargs)
     except ValueError as e:  # e.g. input size not divisible by the patch size
         raise UserError(str(e)) from None
+
+
+def build_train_loader(args, device):
+    """MAE's augmentation either all in the DataLoader workers (PIL) or, with
+    --gpu_decode, split: file reads and crop boxes in the workers, decode + crop +
+    resize + flip + normalise on the device (util/gpu_aug.py, same semantics)."""
+    if not args.gpu_decode:
+        dataset = build_dataset(args, "train", pretrain_transform(args.input_size))
+        check_nb_classes(args, dataset)
+        return train_loader(dataset, args, seed=args.seed)
+    if args.data_path is None or args.dataset not in (None, "imagefolder"):
+        raise UserError("--gpu_decode needs an ImageFolder --data_path (it decodes the image files)")
+    dataset = build_dataset(args, "train", PlanCrop(), loader=read_encoded)
+    check_nb_classes(args, dataset)
+    loader = train_loader(dataset, args, seed=args.seed, collate_fn=collate_encoded)
+    return DeviceDecodeLoader(loader, args.input_size, device)
 
 
 def run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, dataset_val, vis_imgs,
@@ -130,11 +150,9 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    dataset_train = build_dataset(args, "train", pretrain_transform(args.input_size))
-    check_nb_classes(args, dataset_train)
+    loader = build_train_loader(args, device)
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size)) \
         if args.val_interval or args.vis_every else None
-    loader = train_loader(dataset_train, args, seed=args.seed)
 
     model = build_model(args).to(device)
     if device.type == "cpu":  # faster CPU kernels, same maths (util/cpu_speed.py)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import assert_one_line_error, run_script
 from util.train_loop import accumulation_groups
-from main_pretrain import get_args_parser
+from main_pretrain import build_train_loader, get_args_parser
 
 
 def read_log(out):
@@ -125,6 +125,7 @@ BAD_INPUTS = [
     (["--resume", "/nonexistent/ckpt.pth"], "does not exist"),
     (["--model", "mae_vit_gigantic"], "unknown --model"),
     (["--centering", "maybe"], "boolean"),
+    (["--gpu_decode"], "--gpu_decode needs an ImageFolder"),
 ]
 
 
@@ -182,3 +183,54 @@ def test_resume_from_other_model_refused_and_nothing_overwritten(tmp_path, tiny_
     assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--output_dir", out,
                                      "--auto_resume", "false"), "already holds checkpoints")
     assert digest(ckpt) == before
+
+
+# ---- --gpu_decode: decode + augmentation on the device -------------------------------
+def make_jpeg_folder(root, classes=("a", "b"), per_class=4, size=(60, 45)):
+    """Photo-like JPEGs (smooth random colour fields) in train/ and val/."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(per_class):
+                small = Image.fromarray(rng.integers(0, 255, (5, 6, 3), dtype=np.uint8))
+                small.resize(size, Image.BICUBIC).save(os.path.join(root, split, c, f"{i}.jpg"), quality=95)
+
+
+def test_gpu_decode_loader_gives_the_pil_loaders_batches(tmp_path, tiny_args):
+    make_jpeg_folder(tmp_path)
+    args = get_args_parser().parse_args(tiny_args + ["--data_path", str(tmp_path), "--batch_size", "4"])
+    pil = build_train_loader(args, torch.device("cpu"))
+    args.gpu_decode, args.nb_classes = True, None
+    dev = build_train_loader(args, torch.device("cpu"))
+    assert len(dev) == len(pil) == 2 and args.nb_classes == 2
+    for epoch in (0, 3):
+        pil.sampler.set_epoch(epoch)
+        dev.sampler.set_epoch(epoch)
+        for (want, t_want), (got, t_got) in zip(pil, dev):
+            assert torch.equal(t_got, t_want)  # same order, same labels
+            assert got.shape == want.shape == (4, 3, 32, 32) and got.dtype == torch.float32
+            # same crop and flip per sample (EpochSeeded), so only decoder and resampling
+            # rounding differ: a few levels of 255 (util/gpu_aug.py)
+            diff = (got - want).abs() * 0.226 * 255
+            assert diff.mean() < 1.5 and diff.max() < 40, (epoch, diff.mean(), diff.max())
+
+
+def test_gpu_decode_pretraining_runs_and_resumes_exactly(tmp_path, tiny_args):
+    data = tmp_path / "data"
+    make_jpeg_folder(data)
+    common = tiny_args + ["--data_path", data, "--batch_size", "4", "--gpu_decode", "--epochs", "2",
+                          "--save_every", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = run_script("main_pretrain.py", *common, "--output_dir", full)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(read_log(full)) == 2
+    # a run that stopped after epoch 0, relaunched: the same weights as the run in one go
+    cut.mkdir()
+    shutil.copy(full / "checkpoint-0.pth", cut / "checkpoint-0.pth")
+    proc = run_script("main_pretrain.py", *common, "--output_dir", cut)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = torch.load(full / "checkpoint-1.pth", weights_only=True)["model"]
+    b = torch.load(cut / "checkpoint-1.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -56,9 +56,9 @@ def checked_loader(path):
 class SubsetImageFolder(datasets.ImageFolder):
     """ImageFolder restricted to the class folders named in `classes` (if given)."""
 
-    def __init__(self, root, transform=None, classes=None):
+    def __init__(self, root, transform=None, classes=None, loader=None):
         self.wanted = classes
-        super().__init__(root, transform=transform, loader=checked_loader)
+        super().__init__(root, transform=transform, loader=loader or checked_loader)
 
     def find_classes(self, directory):
         found, _ = super().find_classes(directory)
@@ -124,8 +124,9 @@ class SyntheticImages(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
-def build_dataset(args, split, transform):
-    """split: 'train' or 'val'. Chooses the source from args.dataset / args.data_path."""
+def build_dataset(args, split, transform, loader=None):
+    """split: 'train' or 'val'. Chooses the source from args.dataset / args.data_path.
+    `loader` replaces the ImageFolder's file loader (util.gpu_aug.read_encoded)."""
     kind = args.dataset or ("synthetic" if args.data_path is None else "imagefolder")
     if kind == "synthetic":
         n = args.synthetic_size if split == "train" else max(args.synthetic_size // 4, 1)
@@ -145,7 +146,7 @@ def build_dataset(args, split, transform):
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist: data_path must hold train/ and val/ folders")
     try:
-        return SubsetImageFolder(root, transform, read_class_subset(args.class_subset))
+        return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise UserError(f"{root}: {e}") from None
 
@@ -177,7 +178,7 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def train_loader(dataset, args, seed):
+def train_loader(dataset, args, seed, collate_fn=None):
     """Shuffled, rank-sharded loader dropping the last incomplete batch (as MAE),
     with augmentation seeded per (epoch, sample); call loader.sampler.set_epoch."""
     sampler = TrainSampler(dataset, seed)
@@ -185,7 +186,7 @@ def train_loader(dataset, args, seed):
     # global RNG (which draws the masks), so a resumed run's masks match.
     loader = DataLoader(EpochSeeded(dataset, seed), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
-                        persistent_workers=args.num_workers > 0,
+                        persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(seed))
     if len(loader) == 0:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "

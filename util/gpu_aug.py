@@ -14,8 +14,8 @@ is split, with the same semantics:
 
 Files that are not baseline RGB/grey JPEGs (PNG, CMYK, ...) are decoded with PIL in the
 worker and only cropped on the device. Pixel values differ from the PIL path by
-resampling rounding (a few levels out of 255, tested). The CUDA path has not been run
-in this project yet. Not wired into main_pretrain: see benchmarks/RESULTS.md, Speed.
+resampling rounding (a few levels out of 255, tested). main_pretrain --gpu_decode
+uses it through device_decode_loader. The CUDA path has not been run in this project yet.
 """
 import io
 
@@ -85,3 +85,20 @@ def decode_augment(datas, params, input_size, device, mean=IMAGENET_MEAN, std=IM
     mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     return (out.float() - mean) / std
+
+
+class DeviceDecodeLoader:
+    """Wraps a DataLoader of collate_encoded batches; yields (decoded, augmented and
+    normalised images on `device`, targets), as the PIL pipeline's loader would.
+    Keeps the wrapped loader's sampler and length (set_epoch, mid-epoch resume)."""
+
+    def __init__(self, loader, input_size, device):
+        self.loader, self.input_size, self.device = loader, input_size, torch.device(device)
+        self.sampler = loader.sampler
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for datas, params, targets in self.loader:
+            yield decode_augment(datas, params, self.input_size, self.device), targets
