@@ -46,7 +46,9 @@ def uniformity_loss_TCR(features, uniformity_mu=1.0, centering=False):
             z = z - z.mean(dim=0, keepdim=True)
         gram = z.T @ z if d <= m else z @ z.T
         eye = torch.eye(gram.shape[0], device=z.device, dtype=z.dtype)
-        chol = torch.linalg.cholesky(eye + (uniformity_mu / d) * gram)
+        # cholesky_ex: no error check, so no host sync on CUDA; the matrix is I + PSD,
+        # and a failure would show as a non-finite loss, which the training loop catches.
+        chol, _ = torch.linalg.cholesky_ex(eye + (uniformity_mu / d) * gram)
         return -2.0 * torch.log(torch.diagonal(chol)).sum()
 
 

@@ -79,3 +79,13 @@ def test_world_size_invariance_two_gloo_processes(tmp_path):
         assert np.allclose(ga, gb, rtol=1e-4, atol=1e-6), (reg, np.abs(ga - gb).max())
         # the published gather (local slice of the gradient) would halve the reg's share
         assert not np.allclose(np.array(b["grads_published"]), ga, rtol=1e-3, atol=1e-6)
+
+
+def test_tcr_uses_no_error_checking_cholesky(monkeypatch):
+    # torch.linalg.cholesky reads its status back to raise on failure: a host sync on
+    # CUDA in every M-MAE step. cholesky_ex does not; a failure becomes a non-finite loss.
+    def syncing(*a, **k):
+        raise AssertionError("torch.linalg.cholesky syncs the host on CUDA")
+    monkeypatch.setattr(torch.linalg, "cholesky", syncing)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    assert uniformity_loss_TCR(x, 2.0, True).item() == pytest.approx(ref_tcr(x.numpy(), 2.0, True), rel=1e-9)

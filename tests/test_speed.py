@@ -312,3 +312,37 @@ def test_read_encoded_names_a_bad_file(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(UserError, match="bad.jpg"):
         read_encoded(str(bad))
+
+
+# ---- CUDA only (the GPU machine) -----------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["mae", "umae", "mmae"])
+def test_cuda_training_step_has_no_host_sync(method):
+    # The step as util.train_loop runs it under bf16: forward, regulariser, backward,
+    # (disabled) grad scaler, fused AdamW, on-device metrics. Any device-to-host copy or
+    # synchronising call inside it raises under sync debug mode "error".
+    from util.amp import grad_scaler
+    model = tiny_mae().cuda()
+    args = ps.our_args(cli(amp="bf16", device="cuda"), method)
+    optimizer = adamw(model, args)
+    scaler = grad_scaler("cuda", "bf16")
+    samples, targets = (t.cuda() for t in batch())
+
+    def step():
+        loss, parts, logits = compute_losses(model, samples, targets, args)
+        acc = (logits.detach().argmax(dim=-1) == targets).float().mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), acc
+
+    step()  # lazy initialisation (cuBLAS handles, optimizer state) may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            loss, _ = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
