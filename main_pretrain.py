@@ -18,7 +18,7 @@ from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler
 from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
-from util.cpu_speed import tune_for_cpu
+from util.cpu_speed import keep_freed_memory, tune_for_cpu
 from util.diagnostics import log_diagnostics
 from util.datasets import (build_dataset, check_nb_classes, eval_loader, eval_transform,
                            pretrain_transform, train_loader)
@@ -155,8 +155,9 @@ def main(args):
         if args.val_interval or args.vis_every else None
 
     model = build_model(args).to(device)
-    if device.type == "cpu":  # faster CPU kernels, same maths (util/cpu_speed.py)
+    if device.type == "cpu":  # faster CPU kernels and allocation, same maths (util/cpu_speed.py)
         tune_for_cpu(model, args.amp)
+        keep_freed_memory()
     model_without_ddp = model
     eff_batch = scale_lr(args)
     optimizer = adamw(model_without_ddp, args)

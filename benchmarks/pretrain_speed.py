@@ -12,8 +12,9 @@ Ours runs engine_pretrain.train_one_epoch itself (util.train_loop, accum_iter 1)
 of the same synthetic batch: compute_losses under util.amp's autocast (bf16 by default on
 CUDA), GradScaler, util.optim.adamw (fused), set-to-none grads, metrics kept on the device
 (one host sync per round of steps); SDPA attention (timm's default); optionally torch.compile
-(--compile, as main_pretrain); on CPU util.cpu_speed.tune_for_cpu as main_pretrain applies
-it (oneDNN float32 linears, or unfused attention under bf16; --no_cpu_tune to leave it out,
+(--compile, as main_pretrain); on CPU util.cpu_speed.tune_for_cpu and keep_freed_memory as main_pretrain
+applies them (oneDNN float32 linears, or unfused attention under bf16; glibc malloc keeping
+freed memory, process-wide so the reference gains too; --no_cpu_tune to leave them out,
 --onednn_linear / --attn unfused for one of them alone).
 The reference reproduces the official MAE / U-MAE / M-MAE code's choices in the same
 process: unfused attention, fp16 autocast on CUDA / fp32 on CPU, per-parameter AdamW
@@ -58,7 +59,8 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 import models_mae  # noqa: E402
 from engine_pretrain import compute_losses, train_one_epoch  # noqa: E402
 from util.amp import grad_scaler  # noqa: E402
-from util.cpu_speed import onednn_available, set_fused_attn, tune_for_cpu, use_onednn_linear  # noqa: E402
+from util.cpu_speed import (keep_freed_memory, onednn_available, set_fused_attn, tune_for_cpu,  # noqa: E402
+                            use_onednn_linear)
 from util.optim import adamw  # noqa: E402
 
 METHODS = {"mae": ("none", 0.0), "umae": ("uniformity", 1e-2), "mmae": ("tcr", 1e-2)}
@@ -289,8 +291,12 @@ def build(cli, device):
     if cli.onednn_linear:
         use_onednn_linear(model)
     cli.cpu_tune = device.type == "cpu" and not cli.no_cpu_tune  # as main_pretrain
+    cli.malloc_kept = False
     if cli.cpu_tune:
         print(f"tune_for_cpu: {tune_for_cpu(model, cli.amp)}")
+        # process-wide, so the reference path gains from it too (no effect on the ratio)
+        cli.malloc_kept = keep_freed_memory()
+        print(f"keep_freed_memory (glibc malloc, process-wide): {cli.malloc_kept}")
     fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     cli.attn = "sdpa" if all(fused) else "unfused" if not any(fused) else "mixed"  # what runs
     fast = compile_model(model, cli) if cli.compile else model
@@ -380,6 +386,7 @@ def header(cli, device, flops, parts, peak, peak_src, warmup_s):
             "model": cli.model, "input_size": cli.input_size, "patch_size": cli.patch_size,
             "batch_size": cli.batch_size, "amp": cli.amp, "compile": cli.compile,
             "onednn_linear": cli.onednn_linear, "attn": cli.attn, "cpu_tune": cli.cpu_tune,
+            "malloc_kept": cli.malloc_kept,
             "flops_per_image_fwd": flops, "flop_parts": parts,
             "peak_tflops": peak, "peak_source": peak_src, "warmup_s": warmup_s}
 
