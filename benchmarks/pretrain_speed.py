@@ -269,11 +269,11 @@ def check_same_loss(fast, ref, samples, targets, cli, methods, num_patches):
 
 
 def warm_up(paths, steps, device, model, optimizer):
-    """Untimed steps (compilation included), then one step whose peak memory is taken:
-    the path's own state (weights, kept gradients, optimizer state) + the step's peak."""
+    """Untimed steps (compilation included; at least one, as the optimizer creates its
+    state in its first step), then one step whose peak memory is taken: the path's own
+    state (weights, kept gradients, optimizer state) + the step's peak."""
     for p in paths:
-        if steps:
-            p.steps(steps)
+        p.steps(max(steps, 1))
         p.peak = state_bytes(model, optimizer) + step_peak_bytes(lambda: p.steps(1), device)
 
 

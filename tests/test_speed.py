@@ -66,6 +66,29 @@ def test_pretrain_smoke_prints_every_field_and_exits_0():
     assert "regulariser cost umae" in out and "regulariser cost mmae" in out
 
 
+def test_memory_is_taken_after_the_optimizer_state_exists():
+    # AdamW creates its state in its first step: measuring that step would count the
+    # state as the step's peak and miss the activations (ViT-L read as constant in batch)
+    model = tiny_mae()
+    optimizer = adamw(model, ps.our_args(cli(), "mae"))
+    samples, targets = batch()
+    calls = []
+
+    def steps(n):
+        calls.append((n, len(optimizer.state)))
+        ps.our_steps(model, optimizer, ps.grad_scaler(torch.device("cpu"), "none"), samples, targets,
+                     ps.our_args(cli(), "mae"), n)
+
+    path = ps.Path("ours", "mae", steps)
+    ps.warm_up([path], 0, torch.device("cpu"), model, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert calls == [(1, 0), (1, len(trainable))]  # the measured step starts with the state there
+    # weights + AdamW's two moments and step counter per trainable tensor (float32)
+    weights_and_adam = (sum(p.numel() * 4 for p in model.parameters())
+                        + sum((2 * p.numel() + 1) * 4 for p in trainable))
+    assert path.peak > ps.state_bytes(model, optimizer) == weights_and_adam
+
+
 def test_smoke_exits_1_when_the_losses_differ(monkeypatch):
     real = ps.reference_loss
     monkeypatch.setattr(ps, "reference_loss", lambda *a, **k: real(*a, **k) * 1.01)
