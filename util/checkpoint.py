@@ -17,12 +17,17 @@ from util.errors import UserError
 CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 
 
+def _plain(v):
+    if isinstance(v, (bool, int, float, str, type(None))):
+        return v
+    if isinstance(v, (list, tuple, set)):  # e.g. skip_steps, a set of (epoch, step)
+        return [_plain(x) for x in (sorted(v) if isinstance(v, set) else v)]
+    return str(v)
+
+
 def plain_args(args):
     """argparse Namespace -> dict of plain values (no pickled objects)."""
-    out = {}
-    for k, v in vars(args).items():
-        out[k] = v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
-    return out
+    return {k: _plain(v) for k, v in vars(args).items()}
 
 
 def atomic_save(obj, path):
