@@ -375,6 +375,11 @@ KEEP_FREED_PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {repo!r})
 from util.cpu_speed import keep_freed_memory
+import ctypes
+try:  # both start from glibc's initial mmap threshold, held fixed (it drifts with history)
+    ctypes.CDLL(None).mallopt(-3, 128 * 1024)
+except AttributeError:
+    print("unsupported"); sys.exit(0)
 if {keep} and not keep_freed_memory():
     print("unsupported"); sys.exit(0)
 def cycle():  # a step's pattern: many large tensors written, then all freed
@@ -398,5 +403,7 @@ def test_keep_freed_memory_stops_refaulting_freed_tensors():
         if out == "unsupported":
             pytest.skip("no glibc mallopt")
         faults[keep] = float(out)
-    # 80 MiB freed and reallocated per cycle: ~7,500 pages re-faulted by default here
-    assert faults[False] > 2000 and faults[True] < faults[False] / 4, faults
+    # Each cycle writes 80 MiB = 20,480 pages. From glibc's initial threshold every block
+    # is mmapped and re-faulted (left alone the threshold drifts with the process's history:
+    # 7,500 faults per cycle in one run here, 680 in another); keep_freed_memory reuses them.
+    assert faults[False] > 10000 and faults[True] < 2048, faults
