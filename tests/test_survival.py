@@ -132,7 +132,7 @@ def test_nonfinite_loss_retry_skips_the_batch(tmp_path, tiny_args):
     state = torch.load(os.path.join(out, "checkpoint-1.pth"), weights_only=True)
     assert state["skip_steps"] == [[1, 1]] or state["skip_steps"] == [(1, 1)]
     assert state["args"]["skip_steps"] == [[1, 1]]  # plain lists, not the set's repr
-    assert '"skip_steps": [[1, 1]]' in proc.stdout or '"skip_steps": []' in proc.stdout
+    assert '"skip_steps": []' in proc.stdout  # the args line printed at start: a list
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 

@@ -37,17 +37,16 @@ def _autocast_on():
         return torch.is_autocast_cpu_enabled()
 
 
-def _mm_nt(a, b):
-    """a @ b.T with oneDNN (2-d float32; b may be a strided view, read in place)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+def _mm_nt(a, b, bias=None):
+    """a @ b.T (+ bias) with oneDNN (2-d float32; b may be a strided view, read in place)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
 # Custom ops (not an autograd.Function) so that torch.compile keeps them as opaque
 # kernels and fuses the elementwise work around them; the backward is itself an op.
 @torch.library.custom_op("mae_cpu::linear", mutates_args=())
 def onednn_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _mm_nt(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
 @onednn_linear.register_fake

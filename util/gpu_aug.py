@@ -15,7 +15,7 @@ is split, with the same semantics:
 Files that are not baseline RGB/grey JPEGs (PNG, CMYK, ...) are decoded with PIL in the
 worker and only cropped on the device. Pixel values differ from the PIL path by
 resampling rounding (a few levels out of 255, tested). main_pretrain --gpu_decode
-uses it through device_decode_loader. The CUDA path has not been run in this project yet.
+uses it through DeviceDecodeLoader. The CUDA path has not been run in this project yet.
 """
 import io
 
