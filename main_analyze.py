@@ -31,7 +31,10 @@ from util.vis import save_reconstructions
 
 # Settings read from the checkpoint's args when not given on the command line.
 FROM_CHECKPOINT = {"model": None, "input_size": 224, "patch_size": None, "global_pool": False,
-                   "norm_pix_loss": False, "mask_ratio": 0.75, "uniformity_mu": 1.0, "centering": False}
+                   "norm_pix_loss": False, "mask_ratio": 0.75, "uniformity_mu": 1.0, "centering": False,
+                   "depth": None, "decoder_embed_dim": None, "decoder_depth": None}
+SHAPE_KEYS = ("patch_size", "depth", "decoder_embed_dim", "decoder_depth")
+POOLS = ("cls", "avg")
 
 
 def get_args_parser():
@@ -42,7 +45,12 @@ def get_args_parser():
     g.add_argument("--checkpoint", required=True, help="ours ({'model', 'args', ...}) or official MAE")
     g.add_argument("--model", help=", ".join(models_mae.MODELS) + " (default: from the checkpoint)")
     g.add_argument("--patch_size", type=int, help="override the model's patch size")
+    for k in SHAPE_KEYS[1:]:
+        g.add_argument(f"--{k}", type=int, help=f"override the model's {k}")
     add_bool(g, "--global_pool", None, "analyse the mean patch token instead of cls")
+    g.add_argument("--pools", default=None,
+                   help="comma-separated feature poolings to analyse, of cls and avg (default: the one "
+                        "--global_pool names); the first is the headline result, each gets results['pools']")
     add_bool(g, "--norm_pix_loss", None, "the model reconstructs normalised patches")
     g.add_argument("--mask_ratio", type=float, help="for the reconstruction loss and grid")
     g.add_argument("--uniformity_mu", type=float, help="mu of the TCR value")
@@ -75,13 +83,15 @@ def resolve_args(args, state):
         raise UserError("--knn_k must be >= 1 and --knn_t > 0")
     if args.output_dir is None:
         args.output_dir = os.path.dirname(os.path.abspath(args.checkpoint))
+    args.pools = [p for p in (args.pools or ("avg" if args.global_pool else "cls")).split(",") if p]
+    if not args.pools or any(p not in POOLS for p in args.pools):
+        raise UserError(f"--pools must name some of {', '.join(POOLS)}, got {','.join(args.pools)}")
     check_common_args(args)
 
 
 def build_model(args, sd):
     kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, global_pool=args.global_pool)
-    if args.patch_size:
-        kwargs["patch_size"] = args.patch_size
+    kwargs.update({k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k)})
     head = sd.get("online_head.weight")
     kwargs["nb_classes"] = head.shape[0] if head is not None else args.nb_classes
     try:
@@ -173,39 +183,48 @@ def main(args):
     has_decoder = load_weights(model, sd, args.checkpoint)
     model.to(device).eval()
     print(f"analysing {args.checkpoint}: {args.model} at {args.input_size} px, patch {model.patch_size}, "
-          f"{'mean patch token' if args.global_pool else 'cls token'}; {len(dataset_val)} val images")
+          f"features: {', '.join(args.pools)}; {len(dataset_val)} val images")
     results = {"checkpoint": args.checkpoint, "model": args.model, "epoch": state.get("epoch")}
 
-    # Val features once: for the diagnostics (all of val) and as kNN/linear queries.
-    val_x, val_y = extract_features(model, eval_loader(dataset_val, args), device, args.amp)
-    if args.diag_images and args.diag_images < len(dataset_val):
-        diag = feature_stats(model, eval_loader(diag_subset(dataset_val, args.diag_images), args), device,
-                             args.amp, args.uniformity_mu, args.centering)
-    else:
-        stats = FeatureStats(val_x.shape[1], device)
-        for chunk in val_x.split(1024):
-            stats.update(chunk)
-        diag = stats.all_reduce().compute(args.uniformity_mu, args.centering)
-    print("diagnostics: " + summary_line(diag))
-    results["diagnostics"] = {k: v for k, v in diag.items() if k != "singular_values"}
-    results["diagnostics"]["singular_values"] = diag["singular_values"].tolist()
-
+    # Val (and train) features once per pool, from one encoder pass per batch.
+    pools = [p == "avg" for p in args.pools]  # as global_pool values
+    val_x, val_y = extract_features(model, eval_loader(dataset_val, args), device, args.amp, pools)
+    val_x = val_x if len(pools) > 1 else [val_x]
     if args.knn or args.linear:
         dataset_train = subset(build_dataset(args, "train", eval_transform(args.input_size)), args.train_images)
-        train_x, train_y = extract_features(model, eval_loader(dataset_train, args), device, args.amp)
-    if args.knn:
-        knn = knn_accuracy(train_x, train_y, val_x, val_y, args.nb_classes, args.knn_k, args.knn_t)
-        print(f"kNN (k={knn['k']}, T={args.knn_t}, cosine; bank {len(dataset_train)} train images): "
-              f"top-1 {knn['acc1']:.2f}  top-5 {knn['acc5']:.2f}")
-        results["knn"] = knn
-    if args.linear:
-        tx, ty, vx, vy = (gather_all(t) for t in (train_x, train_y, val_x, val_y))
-        if is_main_process():
-            lin = fast_linear_eval(tx.cpu(), ty.cpu(), vx.cpu(), vy.cpu(), args.nb_classes)
-            print(f"{LABEL}: logistic top-1 {lin['logreg']['acc1']:.2f} top-5 {lin['logreg']['acc5']:.2f} "
-                  f"(wd {lin['logreg']['weight_decay']:g}); ridge top-1 {lin['ridge']['acc1']:.2f} "
-                  f"(lambda {lin['ridge']['lambda']:g}); fit on {lin['n_train']} train images")
-            results["linear"] = lin
+        train_x, train_y = extract_features(model, eval_loader(dataset_train, args), device, args.amp, pools)
+        train_x = train_x if len(pools) > 1 else [train_x]
+    results["pools"] = {}
+    for i, pool in enumerate(args.pools):
+        print(f"-- {pool} features")
+        res = results["pools"][pool] = {}
+        if args.diag_images and args.diag_images < len(dataset_val):
+            diag = feature_stats(model, eval_loader(diag_subset(dataset_val, args.diag_images), args), device,
+                                 args.amp, args.uniformity_mu, args.centering, pool == "avg")
+        else:
+            stats = FeatureStats(val_x[i].shape[1], device)
+            for chunk in val_x[i].split(1024):
+                stats.update(chunk)
+            diag = stats.all_reduce().compute(args.uniformity_mu, args.centering)
+        print("diagnostics: " + summary_line(diag))
+        res["diagnostics"] = {k: v for k, v in diag.items() if k != "singular_values"}
+        res["diagnostics"]["singular_values"] = diag["singular_values"].tolist()
+        if args.knn:
+            knn = knn_accuracy(train_x[i], train_y, val_x[i], val_y, args.nb_classes, args.knn_k, args.knn_t)
+            print(f"kNN (k={knn['k']}, T={args.knn_t}, cosine; bank {len(dataset_train)} train images): "
+                  f"top-1 {knn['acc1']:.2f}  top-5 {knn['acc5']:.2f}")
+            res["knn"] = knn
+        if args.linear:
+            tx, ty, vx, vy = (gather_all(t) for t in (train_x[i], train_y, val_x[i], val_y))
+            if is_main_process():
+                lin = fast_linear_eval(tx.cpu(), ty.cpu(), vx.cpu(), vy.cpu(), args.nb_classes)
+                print(f"{LABEL}: logistic top-1 {lin['logreg']['acc1']:.2f} top-5 {lin['logreg']['acc5']:.2f} "
+                      f"(wd {lin['logreg']['weight_decay']:g}); ridge top-1 {lin['ridge']['acc1']:.2f} "
+                      f"(lambda {lin['ridge']['lambda']:g}); fit on {lin['n_train']} train images")
+                res["linear"] = lin
+        if i == 0:  # the headline pool's results also at the top level
+            results.update(res)
+            headline_diag = diag
 
     if has_decoder:
         results["recon_loss"] = reconstruction_loss(model, dataset_val, device, args)
@@ -218,6 +237,7 @@ def main(args):
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "spectrum.png")
+        diag = headline_diag
         spectrum_plot(diag["singular_values"], f"{os.path.basename(args.checkpoint)}: "
                       f"erank {diag['effective_rank']:.1f}, dims99 {diag['dims99']}").save(path)
         print(f"spectrum written to {path}")

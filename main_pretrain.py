@@ -28,6 +28,9 @@ from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_enc
 from util.metric_logger import append_log, tensorboard_writer
 from util.optim import adamw, scale_lr
 from util.train_loop import run_with_retries
+
+# Model-shape overrides of the registry size (e.g. a 6-block encoder with a 2-block decoder).
+SHAPE_FLAGS = ("depth", "decoder_embed_dim", "decoder_depth")
 from util.vis import save_reconstructions
 
 
@@ -38,6 +41,8 @@ def get_args_parser():
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="mae_vit_large_patch16", help=", ".join(models_mae.MODELS))
     g.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
+    for name in SHAPE_FLAGS:
+        g.add_argument(f"--{name}", default=None, type=int, help=f"override the model's {name}")
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     add_bool(g, "--norm_pix_loss", False, "reconstruct per-patch normalised pixels")
     add_bool(g, "--global_pool", False, "regularise/probe the mean patch token instead of cls")
@@ -78,8 +83,7 @@ def check_pretrain_args(args):
 def build_model(args):
     kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
                   nb_classes=args.nb_classes, global_pool=args.global_pool)
-    if args.patch_size:
-        kwargs["patch_size"] = args.patch_size
+    kwargs.update({k: getattr(args, k) for k in ("patch_size",) + SHAPE_FLAGS if getattr(args, k, None)})
     try:
         return models_mae.MODELS[args.model](**kwargs)
     except ValueError as e:  # e.g. input size not divisible by the patch size

@@ -136,11 +136,13 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
-    def pooled_features(self, latent):
+    def pooled_features(self, latent, global_pool=None):
         """The feature the regulariser and the online head see: the cls token (or the
         mean of the visible patch tokens with global_pool) through the encoder's
-        final norm once more, as in the published U-MAE / M-MAE code."""
-        pooled = latent[:, 1:].mean(dim=1) if self.global_pool else latent[:, 0]
+        final norm once more, as in the published U-MAE / M-MAE code.
+        `global_pool` None means the model's own setting."""
+        global_pool = self.global_pool if global_pool is None else global_pool
+        pooled = latent[:, 1:].mean(dim=1) if global_pool else latent[:, 0]
         return self.norm(pooled)
 
     def forward_decoder(self, latent, ids_restore):
@@ -183,35 +185,39 @@ class MaskedAutoencoderViT(nn.Module):
         return self.online_head(self.pooled_features(latent))
 
 
-def _mae(embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads,
-         default_patch_size, **kwargs):
-    kwargs.setdefault("patch_size", default_patch_size)
-    return MaskedAutoencoderViT(
-        embed_dim=embed_dim, depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim,
-        decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads, mlp_ratio=4,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+def _mae(embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads, patch_size,
+         overrides):
+    """A registry size; any keyword in `overrides` (patch_size, depth, decoder_depth, ...) replaces it."""
+    cfg = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim,
+               decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads, patch_size=patch_size,
+               mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    cfg.update(overrides)
+    if cfg["decoder_embed_dim"] % cfg["decoder_num_heads"]:
+        raise ValueError(f"decoder width {cfg['decoder_embed_dim']} is not divisible by its "
+                         f"{cfg['decoder_num_heads']} heads")
+    return MaskedAutoencoderViT(**cfg)
 
 
 # Registry functions. The official names and sizes, plus small ones for CPU and
-# small images. img_size and patch_size can be overridden by keyword.
+# small images. Keywords (img_size, patch_size, depth, decoder_depth, ...) override.
 def mae_vit_tiny_patch16(**kwargs):
-    return _mae(192, 12, 3, 128, 4, 4, 16, **kwargs)
+    return _mae(192, 12, 3, 128, 4, 4, 16, kwargs)
 
 
 def mae_vit_small_patch16(**kwargs):
-    return _mae(384, 12, 6, 256, 4, 8, 16, **kwargs)
+    return _mae(384, 12, 6, 256, 4, 8, 16, kwargs)
 
 
 def mae_vit_base_patch16(**kwargs):
-    return _mae(768, 12, 12, 512, 8, 16, 16, **kwargs)
+    return _mae(768, 12, 12, 512, 8, 16, 16, kwargs)
 
 
 def mae_vit_large_patch16(**kwargs):
-    return _mae(1024, 24, 16, 512, 8, 16, 16, **kwargs)
+    return _mae(1024, 24, 16, 512, 8, 16, 16, kwargs)
 
 
 def mae_vit_huge_patch14(**kwargs):
-    return _mae(1280, 32, 16, 512, 8, 16, 14, **kwargs)
+    return _mae(1280, 32, 16, 512, 8, 16, 14, kwargs)
 
 
 MODELS = {f.__name__: f for f in (mae_vit_tiny_patch16, mae_vit_small_patch16, mae_vit_base_patch16,

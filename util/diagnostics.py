@@ -105,24 +105,27 @@ def tcr_from_gram(ngram, nsum, m, uniformity_mu=1.0, centering=False):
 
 
 @torch.no_grad()
-def encode(model, imgs, amp="none"):
-    """Pooled encoder features of unmasked images. The `noise` keeps the patch order
-    and spares the global RNG, so monitoring does not change a training run."""
+def encode(model, imgs, amp="none", pools=(None,)):
+    """Pooled encoder features of unmasked images, one (n, d) tensor per entry of `pools`
+    (global_pool values: False = cls, True = mean patch token, None = the model's own),
+    from one encoder pass; a lone pool gives the tensor itself. The `noise` keeps the patch order and spares the
+    global RNG, so monitoring does not change a training run."""
     n, length = imgs.shape[0], model.patch_embed.num_patches
     noise = torch.arange(length, device=imgs.device, dtype=torch.float32).expand(n, length)
     with autocast(imgs.device, amp):
         latent, _, _ = model.forward_encoder(imgs, 0.0, noise)
-        return model.pooled_features(latent).float()
+        out = [model.pooled_features(latent, p).float() for p in pools]
+    return out[0] if len(out) == 1 else out
 
 
 @torch.no_grad()
-def feature_stats(model, loader, device, amp="none", uniformity_mu=1.0, centering=False):
+def feature_stats(model, loader, device, amp="none", uniformity_mu=1.0, centering=False, global_pool=None):
     """Diagnostics of the model's features over a (rank-sharded) loader."""
     was_training = model.training
     model.eval()
     stats = FeatureStats(model.norm.normalized_shape[0], device)
     for imgs, _ in loader:
-        stats.update(encode(model, imgs.to(device, non_blocking=True), amp))
+        stats.update(encode(model, imgs.to(device, non_blocking=True), amp, (global_pool,)))
     model.train(was_training)
     return stats.all_reduce().compute(uniformity_mu, centering)
 

@@ -19,19 +19,22 @@ from util.dist import all_reduce_sum, get_rank, get_world_size, is_dist
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, amp="none"):
-    """(features (n, d) float32, labels (n,)) of a loader's shard, unmasked, on `device`."""
+def extract_features(model, loader, device, amp="none", pools=(None,)):
+    """(features (n, d) float32, labels (n,)) of a loader's shard, unmasked, on `device`.
+    With several `pools` (see util.diagnostics.encode) the features are a list, one per pool."""
     was_training = model.training
     model.eval()
-    feats, labels = [], []
+    feats, labels = [[] for _ in pools], []
     for imgs, target in loader:
-        feats.append(encode(model, imgs.to(device, non_blocking=True), amp))
+        out = encode(model, imgs.to(device, non_blocking=True), amp, pools)
+        for f, o in zip(feats, out if len(pools) > 1 else [out]):
+            f.append(o)
         labels.append(torch.as_tensor(target).to(device))
     model.train(was_training)
     d = model.norm.normalized_shape[0]
-    if not feats:
-        return torch.zeros(0, d, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat(feats), torch.cat(labels).long()
+    feats = [torch.cat(f) if f else torch.zeros(0, d, device=device) for f in feats]
+    labels = torch.cat(labels).long() if labels else torch.zeros(0, dtype=torch.long, device=device)
+    return (feats if len(pools) > 1 else feats[0]), labels
 
 
 def _all_gather_padded(x, size):
