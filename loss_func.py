@@ -4,7 +4,7 @@ Both take the local (B, d) features, gather them over ranks with a gradient that
 is correct after DDP averaging (see util.dist.gather_with_grad), L2-normalise the
 rows and compute in float32 whatever the autocast dtype. With W ranks of batch B
 they give the same value, and the same parameter gradients, as one process with
-batch W*B. They also run without torch.distributed.
+batch W*B. They also run in a single process without a process group.
 """
 import torch
 import torch.nn.functional as F

@@ -21,11 +21,12 @@ import models_mae
 from util.checkpoint import load_checkpoint
 from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
 from util.datasets import build_dataset, check_nb_classes, eval_loader, eval_transform
-from util.diagnostics import FeatureStats, diag_subset, feature_stats, spectrum_plot, summary_line
-from util.dist import all_reduce_sum, cleanup, init_distributed_mode, is_main_process
+from monitors.diagnostics import FeatureStats, diag_subset, feature_stats, spectrum_plot, summary_line
+from monitors.fast_linear import LABEL, fast_linear_eval
+from monitors.features import extract_features
+from monitors.knn import knn_accuracy
+from util.dist import all_gather_padded, all_reduce_sum, cleanup, init_distributed_mode, is_main_process
 from util.errors import UserError, exit_on_user_error
-from util.fast_linear import LABEL, fast_linear_eval
-from util.knn import _all_gather_padded, extract_features, knn_accuracy
 from util.pos_embed import interpolate_pos_embed
 from util.vis import save_reconstructions
 
@@ -148,7 +149,7 @@ def reconstruction_loss(model, dataset, device, args):
         n = imgs.shape[0]
         idx = torch.tensor(order[seen:seen + n])
         seen += n
-        loss, _, _, _, _ = model(imgs.to(device), args.mask_ratio, noise[idx].to(device))
+        loss = model(imgs.to(device), args.mask_ratio, noise[idx].to(device)).loss
         sums += torch.stack([loss.double() * n, torch.tensor(n, device=device, dtype=torch.float64)])
     total, n = all_reduce_sum(sums).tolist()
     return total / max(n, 1)
@@ -158,8 +159,8 @@ def gather_all(x):
     """Every rank's rows in dataset order: rank r's ShardSampler shard holds items
     r, r + W, r + 2W, ..., so its j-th row goes to position r + W*j. The linear fit
     then sees exactly what one process sees."""
-    counts = _all_gather_padded(torch.tensor([x.shape[0]], device=x.device), 1).flatten().tolist()
-    rows = _all_gather_padded(x, max(counts))
+    counts = all_gather_padded(torch.tensor([x.shape[0]], device=x.device), 1).flatten().tolist()
+    rows = all_gather_padded(x, max(counts))
     out = x.new_empty((sum(counts),) + x.shape[1:])
     for r, c in enumerate(counts):
         out[r::len(counts)] = rows[r, :c]
@@ -173,8 +174,7 @@ def main(args):
     if not isinstance(sd, dict):
         raise UserError(f"checkpoint {args.checkpoint} has no 'model' entry with a state dict")
     resolve_args(args, state)
-    init_distributed_mode(args)
-    device = torch.device(args.device)
+    device = init_distributed_mode(args)
     seed_everything(args.seed)
 
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size))

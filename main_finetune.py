@@ -19,7 +19,7 @@ from timm.optim import param_groups_layer_decay
 from util.cli import Parser, add_common_args
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError, exit_on_user_error
-from util.eval_setup import add_eval_args, build_data, build_model, prepare, run
+from eval_setup import add_eval_args, build_data, build_model, prepare, run
 from util.optim import scale_lr
 
 
@@ -105,7 +105,7 @@ def main(args):
     scale_lr(args)
     optimizer = build_optimizer(model, args)
     mixup_fn, criterion = mixup_and_criterion(args)
-    return run(args, model, optimizer, data, criterion, mixup_fn, args.clip_grad)
+    return run(args, device, model, optimizer, data, criterion, mixup_fn, args.clip_grad)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 
 from util.cli import Parser, add_common_args
-from util.eval_setup import add_eval_args, build_data, build_model, linprobe_transform, prepare, run
+from eval_setup import add_eval_args, build_data, build_model, linprobe_transform, prepare, run
 from util.errors import exit_on_user_error
 from util.optim import scale_lr
 
@@ -54,7 +54,7 @@ def main(args):
     model = add_probe_head(build_model(args)).to(device)
     scale_lr(args)
     optimizer = lars(model.head, args)
-    return run(args, model, optimizer, data, nn.CrossEntropyLoss())
+    return run(args, device, model, optimizer, data, nn.CrossEntropyLoss())
 
 
 if __name__ == "__main__":

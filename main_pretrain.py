@@ -12,26 +12,26 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import models_mae
-from engine_pretrain import evaluate_online, train_one_epoch
+from engine_pretrain import train_one_epoch
 from loss_func import REG_ALIASES, REG_CHOICES
+from monitors.diagnostics import log_diagnostics
+from monitors.online import evaluate_online
 from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler
 from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
-from util.cpu_speed import keep_freed_memory, tune_for_cpu
-from util.diagnostics import log_diagnostics
 from util.datasets import (build_dataset, check_nb_classes, eval_loader, eval_transform,
                            pretrain_transform, train_loader)
-from util.dist import cleanup, get_rank, init_distributed_mode
+from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError, exit_on_user_error
 from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_encoded
 from util.metric_logger import append_log, tensorboard_writer
 from util.optim import adamw, scale_lr
-from util.train_loop import run_with_retries
+from util.survival import run_with_retries
+from util.vis import save_reconstructions
 
 # Model-shape overrides of the registry size (e.g. a 6-block encoder with a 2-block decoder).
 SHAPE_FLAGS = ("depth", "decoder_embed_dim", "decoder_depth")
-from util.vis import save_reconstructions
 
 
 def get_args_parser():
@@ -44,6 +44,8 @@ def get_args_parser():
     for name in SHAPE_FLAGS:
         g.add_argument(f"--{name}", default=None, type=int, help=f"override the model's {name}")
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    g.add_argument("--clip_grad", default=None, type=float,
+                   help="clip the gradient norm (off by default, as MAE's pretraining)")
     add_bool(g, "--norm_pix_loss", False, "reconstruct per-patch normalised pixels")
     add_bool(g, "--global_pool", False, "regularise/probe the mean patch token instead of cls")
     add_bool(g, "--compile", False, "torch.compile the model")
@@ -106,26 +108,19 @@ def build_train_loader(args, device):
     return DeviceDecodeLoader(loader, args.input_size, device)
 
 
-def run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, dataset_val, vis_imgs,
-               log_writer):
-    """Epochs from (args.start_epoch, args.start_step) to the end, with monitoring
-    and a checkpoint after every epoch."""
-    device = torch.device(args.device)
-
-    def save(epoch, step=None, logger_totals=None):
-        extra = {"skip_steps": sorted(args.skip_steps), "logger_totals": logger_totals}
-        return ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler, step, extra)
-
-    for epoch in range(args.start_epoch, args.epochs):
-        start_step = args.start_step if epoch == args.start_epoch else 0
+def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run, dataset_val, vis_imgs,
+          log_writer):
+    """Epochs from run.epoch to the end, with monitoring and a checkpoint after every epoch."""
+    saver = ckpt.CheckpointSaver(args, model_without_ddp, optimizer, scaler, run, device)
+    for epoch in range(run.epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
-        loader.sampler.start_index = start_step * args.batch_size
+        loader.sampler.start_index = run.start_step(epoch) * args.batch_size
         stats = {f"train_{k}": v for k, v in train_one_epoch(
-            model, loader, optimizer, device, epoch, scaler, args, log_writer, start_step, save).items()}
+            model, loader, optimizer, scaler, device, epoch, run, saver, args, log_writer).items()}
         last = epoch + 1 == args.epochs
         if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
             val = evaluate_online(model_without_ddp, eval_loader(dataset_val, args), device, args)
-            print(f"online probe on {val['n']} val images: top-1 {val['acc1']:.2f}  top-5 {val['acc5']:.2f}")
+            print(f"online probe on {val['n']} unmasked val images: top-1 {val['acc1']:.2f}  top-5 {val['acc5']:.2f}")
             stats.update({"val_online_acc1": val["acc1"], "val_online_acc5": val["acc5"]})
             if log_writer is not None:
                 log_writer.add_scalar("val/online_acc1", val["acc1"], epoch)
@@ -135,7 +130,7 @@ def run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, datase
             path = save_reconstructions(model_without_ddp, vis_imgs, args.mask_ratio, args.output_dir,
                                         epoch, log_writer)
             print(f"reconstructions written to {path}")
-        save(epoch)
+        saver.save(epoch)
         append_log(args.output_dir, {**stats, "epoch": epoch})
         if log_writer is not None:
             log_writer.flush()
@@ -147,8 +142,7 @@ def run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, datase
 def main(args):
     check_common_args(args)
     check_pretrain_args(args)
-    init_distributed_mode(args)
-    device = torch.device(args.device)
+    device = init_distributed_mode(args)
     seed_everything(args.seed + get_rank())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -159,23 +153,20 @@ def main(args):
         if args.val_interval or args.vis_every else None
 
     model = build_model(args).to(device)
-    if device.type == "cpu":  # faster CPU kernels and allocation, same maths (util/cpu_speed.py)
-        tune_for_cpu(model, args.amp)
-        keep_freed_memory()
     model_without_ddp = model
     eff_batch = scale_lr(args)
     optimizer = adamw(model_without_ddp, args)
     scaler = grad_scaler(device, args.amp)
-    ckpt.resume_training(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
-    if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    run = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
+    if get_world_size() > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
 
     print(f"model {args.model}: {sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad) / 1e6:.2f}M "
           f"trainable params; reg {args.reg} lamb {args.lamb}")
     print(f"effective batch {eff_batch}, lr {args.lr:.3g} (blr {args.blr:.3g}); {len(loader)} steps/epoch; "
-          f"amp {args.amp}; device {device}; world size {args.world_size}")
+          f"amp {args.amp}; device {device}; world size {get_world_size()}")
     print("args: " + json.dumps(ckpt.plain_args(args)))
     if get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -183,13 +174,13 @@ def main(args):
     vis_imgs = torch.stack([dataset_val[i][0] for i in range(min(8, len(dataset_val)))]).to(device) \
         if args.vis_every else None
 
-    preempt.install_handlers()
+    preempt.install_handlers()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0
     t0 = time.time()
     run_with_retries(
-        args,
-        lambda: run_epochs(args, model, model_without_ddp, loader, optimizer, scaler, dataset_val,
-                           vis_imgs, log_writer),
-        lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler))
+        args, run,
+        lambda: train(args, model, model_without_ddp, loader, optimizer, scaler, device, run, dataset_val,
+                      vis_imgs, log_writer),
+        lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler, run))
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
     if log_writer is not None:
         log_writer.close()

@@ -14,6 +14,7 @@ official MAE model's, so its released weights load; the online head has its own
 prefix (`online_head.`).
 """
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,14 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from util.pos_embed import get_2d_sincos_pos_embed
+
+
+class MAEOutput(NamedTuple):
+    loss: torch.Tensor      # reconstruction loss: MSE on the masked patches
+    pred: torch.Tensor      # (N, L, p*p*3) predicted patches
+    mask: torch.Tensor      # (N, L), 1 = removed
+    features: torch.Tensor  # (N, D) pooled encoder features, for the regulariser
+    logits: torch.Tensor    # (N, classes) online head on the detached features
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -169,14 +178,14 @@ class MaskedAutoencoderViT(nn.Module):
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
-        """Returns loss, pred, mask (as MAE), then the pooled features for the
+        """MAEOutput: loss, pred, mask (MAE's tuple), then the pooled features for the
         regulariser and the online head's logits on the detached features."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         features = self.pooled_features(latent)
         logits = self.online_head(features.detach())
-        return loss, pred, mask, features, logits
+        return MAEOutput(loss, pred, mask, features, logits)
 
     @torch.no_grad()
     def online_predict(self, imgs):

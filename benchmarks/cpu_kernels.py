@@ -1,9 +1,9 @@
-"""The CPU kernel measurements behind util.cpu_speed and util.optim's fused AdamW.
+"""The CPU kernel measurements behind benchmarks/cpu_speed.py and util.optim's fused AdamW.
 
     python benchmarks/cpu_kernels.py            # one thread, ViT-Tiny MAE shapes (64 px, 8 px patches, batch 64)
 
 1. float32 matmul of the ViT-Tiny MAE layer shapes: torch (MKL sgemm) vs oneDNN
-   (torch.ops.mkldnn._linear_pointwise, what util.cpu_speed.OneDNNLinear calls), GFLOP/s.
+   (torch.ops.mkldnn._linear_pointwise, what cpu_speed.OneDNNLinear calls), GFLOP/s.
 2. attention forward+backward, SDPA (flash kernel on CPU) vs timm's unfused path, in
    float32 and bf16, ms.
 3. AdamW step over the model's parameters: per-parameter loop, foreach, fused, ms.

@@ -8,14 +8,14 @@
     # CI: tiny sizes; also checks that both paths give the same loss, exit 1 if not
     python benchmarks/pretrain_speed.py --smoke
 
-Ours runs engine_pretrain.train_one_epoch itself (util.train_loop, accum_iter 1) on a list
+Ours runs engine_pretrain.train_one_epoch itself (accum_iter 1) on a list
 of the same synthetic batch: compute_losses under util.amp's autocast (bf16 by default on
 CUDA), GradScaler, util.optim.adamw (fused), set-to-none grads, metrics kept on the device
 (one host sync per round of steps); SDPA attention (timm's default); optionally torch.compile
-(--compile, as main_pretrain); on CPU util.cpu_speed.tune_for_cpu and keep_freed_memory as main_pretrain
-applies them (oneDNN float32 linears, or unfused attention under bf16; glibc malloc keeping
-freed memory, process-wide so the reference gains too; --no_cpu_tune to leave them out,
---onednn_linear / --attn unfused for one of them alone).
+(--compile, as main_pretrain). The experiment --cpu_tune (benchmarks/cpu_speed.py, not in the
+product: it calls a private oneDNN op) adds oneDNN float32 linears, or unfused attention under
+bf16, and glibc malloc keeping freed memory (process-wide, so the reference gains too);
+--onednn_linear / --attn unfused for one of them alone.
 The reference reproduces the official MAE / U-MAE / M-MAE code's choices in the same
 process: unfused attention, fp16 autocast on CUDA / fp32 on CPU, per-parameter AdamW
 (foreach=False, fused=False), no compile, a loss.item() and a gradient-norm computation
@@ -59,7 +59,8 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 import models_mae  # noqa: E402
 from engine_pretrain import compute_losses, train_one_epoch  # noqa: E402
 from util.amp import grad_scaler  # noqa: E402
-from util.cpu_speed import (keep_freed_memory, onednn_available, set_fused_attn, tune_for_cpu,  # noqa: E402
+from util.checkpoint import CheckpointSaver, RunState  # noqa: E402
+from cpu_speed import (keep_freed_memory, onednn_available, set_fused_attn, tune_for_cpu,  # noqa: E402
                             use_onednn_linear)
 from util.optim import adamw  # noqa: E402
 
@@ -101,7 +102,7 @@ def model_flops_per_image(model, mask_ratio):
 def measure_peak_tflops(device, dtype, n=None, repeats=5):
     """Best matmul throughput of n x n x n on this device and dtype (TFLOP/s). On CPU
     with float32 the oneDNN kernel is timed too and the faster one counts (MKL's sgemm
-    is slow on AMD CPUs, see util/cpu_speed.py)."""
+    is slow on AMD CPUs, see benchmarks/cpu_speed.py)."""
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -175,15 +176,17 @@ def our_args(cli, method):
     return argparse.Namespace(amp=cli.amp, mask_ratio=cli.mask_ratio, reg=reg, lamb=lamb,
                               uniformity_mu=1.0, centering=False, weight_decay=0.05, lr=1e-4,
                               min_lr=0.0, warmup_epochs=0, epochs=1, accum_iter=1,
-                              batch_size=cli.batch_size, world_size=1, distributed=False,
-                              print_freq=10**9, save_every_steps=0, device=str(cli.device))
+                              batch_size=cli.batch_size, print_freq=10**9, save_every_steps=0,
+                              clip_grad=None, device=str(cli.device))
 
 
 def our_steps(model, optimizer, scaler, samples, targets, args, n):
     """n steps of engine_pretrain.train_one_epoch itself (one 'epoch' of n batches):
     compute_losses, backward, fused AdamW, on-device metrics, one host sync at the end."""
+    run = RunState()
+    saver = CheckpointSaver(args, model, optimizer, scaler, run, samples.device)  # saves nothing here
     with contextlib.redirect_stdout(io.StringIO()):  # its end-of-epoch lines
-        train_one_epoch(model, [(samples, targets)] * n, optimizer, samples.device, 0, scaler, args)
+        train_one_epoch(model, [(samples, targets)] * n, optimizer, scaler, samples.device, 0, run, saver, args)
 
 
 def published_regularizer(features, reg, mu=1.0):
@@ -290,7 +293,7 @@ def build(cli, device):
     set_fused_attn(model, cli.attn == "sdpa")
     if cli.onednn_linear:
         use_onednn_linear(model)
-    cli.cpu_tune = device.type == "cpu" and not cli.no_cpu_tune  # as main_pretrain
+    cli.cpu_tune = device.type == "cpu" and cli.cpu_tune
     cli.malloc_kept = False
     if cli.cpu_tune:
         print(f"tune_for_cpu: {tune_for_cpu(model, cli.amp)}")
@@ -438,9 +441,9 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile our model (as main_pretrain --compile)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--compile_mode", default=None)
-    p.add_argument("--no_cpu_tune", action="store_true",
-                   help="on CPU, leave out util.cpu_speed.tune_for_cpu, which main_pretrain applies "
-                        "(oneDNN linears for fp32, unfused attention under bf16)")
+    p.add_argument("--cpu_tune", action="store_true",
+                   help="experiment on CPU: cpu_speed.tune_for_cpu (oneDNN linears for fp32 through a "
+                        "private op, unfused attention under bf16) and keep_freed_memory; not in main_pretrain")
     p.add_argument("--onednn_linear", action="store_true", help="our nn.Linear through oneDNN on CPU fp32")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "unfused"],
                    help="our attention: SDPA (timm's default) or timm's unfused path")

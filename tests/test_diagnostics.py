@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torchvision.transforms.functional import pil_to_tensor
 
 import models_mae
 from conftest import TINY, assert_one_line_error, free_port, run_script
 from loss_func import uniformity_loss, uniformity_loss_TCR
-from util.diagnostics import (FeatureStats, dims_for_variance, effective_rank, pil_to_chw,
-                              spectrum_plot)
-from util.fast_linear import LABEL, fast_linear_eval
-from util.knn import knn_accuracy
+from monitors.diagnostics import FeatureStats, dims_for_variance, effective_rank, spectrum_plot
+from monitors.fast_linear import LABEL, fast_linear_eval
+from monitors.knn import knn_accuracy
 
 
 # ---- effective rank, dims99, chunked statistics -----------------------------------
@@ -98,9 +98,9 @@ def test_collapsed_features_have_low_rank_and_high_uniformity():
 def test_spectrum_plot_is_an_image():
     img = spectrum_plot(torch.tensor([10.0, 3.0, 1.0, 0.1, 0.0]), "test")
     assert img.size == (480, 320)
-    t = pil_to_chw(img)
-    assert t.shape == (3, 320, 480) and 0 <= t.min() and t.max() <= 1
-    assert (t < 0.5).any()  # something was drawn
+    t = pil_to_tensor(img)
+    assert t.shape == (3, 320, 480) and t.dtype == torch.uint8
+    assert (t < 128).any()  # something was drawn
 
 
 # ---- kNN -------------------------------------------------------------------------

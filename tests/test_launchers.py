@@ -21,7 +21,7 @@ def test_pretrain_sh_mmae_large_recipe_runs(tmp_path):
     args = json.loads(proc.stdout.split("args: ", 1)[1].splitlines()[0])
     assert args["reg"] == "tcr" and args["lamb"] == 0.01 and args["uniformity_mu"] == 3.0
     assert args["centering"] is False and args["norm_pix_loss"] is True
-    assert args["world_size"] == 2 and args["mask_ratio"] == 0.75 and args["blr"] == 1.5e-4
+    assert "world size 2" in proc.stdout and args["mask_ratio"] == 0.75 and args["blr"] == 1.5e-4
     assert os.path.exists(tmp_path / "mmae-l" / "checkpoint-0.pth")
 
 

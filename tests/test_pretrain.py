@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_one_line_error, run_script
-from util.train_loop import accumulation_groups
+from util.accumulation import accumulation_groups
 from main_pretrain import build_train_loader, get_args_parser
 
 
@@ -77,8 +77,9 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_args):
     ok = run_script("main_pretrain.py", *tiny_args, "--save_every", "1", "--output_dir", out)
     assert ok.returncode == 0
     before = digest(os.path.join(out, "checkpoint-0.pth"))
-    proc = run_script("main_pretrain.py", *tiny_args, "--epochs", "2", "--save_every", "1",
-                      "--output_dir", out, "--inject_nonfinite_step", "5")
+    # resumes at epoch 1 step 0, so this process's step 1 is epoch 1 step 1
+    proc = run_script("tests/inject_nonfinite.py", "1", "main_pretrain.py", *tiny_args, "--epochs", "2",
+                      "--save_every", "1", "--output_dir", out)
     assert_one_line_error(proc, "non-finite loss", "epoch 1 step 1")
     assert digest(os.path.join(out, "checkpoint-0.pth")) == before
     assert not os.path.exists(os.path.join(out, "checkpoint-1.pth"))

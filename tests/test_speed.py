@@ -21,7 +21,7 @@ import pretrain_speed as ps  # noqa: E402
 
 import models_mae  # noqa: E402
 from engine_pretrain import compute_losses  # noqa: E402
-from util.cpu_speed import OneDNNLinear, onednn_available, tune_for_cpu, use_onednn_linear  # noqa: E402
+from cpu_speed import OneDNNLinear, onednn_available, tune_for_cpu, use_onednn_linear  # noqa: E402
 from util.datasets import pretrain_transform  # noqa: E402
 from util.gpu_aug import PlanCrop, collate_encoded, decode_augment, read_encoded  # noqa: E402
 from util.optim import adamw  # noqa: E402
@@ -250,7 +250,7 @@ def test_onednn_linear_equals_nn_linear():
 @pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 def test_onednn_ops_pass_torch_opcheck():
     # schema, fake (meta) kernels, autograd registration, AOT dispatch: what compile relies on
-    from util.cpu_speed import onednn_linear, onednn_linear_backward
+    from cpu_speed import onednn_linear, onednn_linear_backward
     x, w, b = torch.randn(3, 5, 24, requires_grad=True), torch.randn(40, 24, requires_grad=True), torch.randn(40)
     for args in ((x, w, b), (x, w, None)):
         torch.library.opcheck(onednn_linear, args)
@@ -341,7 +341,7 @@ def test_read_encoded_names_a_bad_file(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["mae", "umae", "mmae"])
 def test_cuda_training_step_has_no_host_sync(method):
-    # The step as util.train_loop runs it under bf16: forward, regulariser, backward,
+    # The step as engine_pretrain runs it under bf16: forward, regulariser, backward,
     # (disabled) grad scaler, fused AdamW, on-device metrics. Any device-to-host copy or
     # synchronising call inside it raises under sync debug mode "error".
     from util.amp import grad_scaler
@@ -373,8 +373,8 @@ def test_cuda_training_step_has_no_host_sync(method):
 
 KEEP_FREED_PROBE = """
 import resource, sys, torch
-sys.path.insert(0, {repo!r})
-from util.cpu_speed import keep_freed_memory
+sys.path.insert(0, {repo!r} + "/benchmarks")
+from cpu_speed import keep_freed_memory
 import ctypes
 try:  # both start from glibc's initial mmap threshold, held fixed (it drifts with history)
     ctypes.CDLL(None).mallopt(-3, 128 * 1024)

@@ -7,11 +7,13 @@ import pickle
 import random
 import re
 import zipfile
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from util.dist import barrier, get_rank, is_main_process
+from util import preempt
+from util.dist import all_gather_object, any_rank, barrier, get_rank, is_dist, is_main_process
 from util.errors import UserError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
@@ -117,12 +119,12 @@ def list_checkpoints(output_dir):
     return sorted(found, key=lambda x: (x[1], float("inf") if x[2] is None else x[2]), reverse=True)
 
 
-def find_resume_checkpoint(args):
-    """The checkpoint to continue from: --resume, else with --auto_resume the newest
-    readable one in output_dir (a corrupt newest file is reported and skipped)."""
-    if args.resume:
+def find_resume_checkpoint(args, newest=False):
+    """The checkpoint to continue from: --resume, else with --auto_resume (or newest)
+    the newest readable one in output_dir (a corrupt newest file is reported and skipped)."""
+    if args.resume and not newest:
         return args.resume, load_checkpoint(args.resume)
-    if not args.auto_resume:
+    if not (args.auto_resume or newest):
         if list_checkpoints(args.output_dir):
             raise UserError(f"{args.output_dir} already holds checkpoints; pass --auto_resume or "
                             "--resume, or choose another --output_dir (nothing was overwritten)")
@@ -148,26 +150,37 @@ def load_model_state(model, state_dict, source, model_name=None, ckpt_model=None
 
 def gather_rng_states():
     """Every rank's RNG states (each rank draws its own masks), as a list by rank."""
-    import torch.distributed as dist
-    local = rng_state()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [local]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, local)
-    return out
+    return all_gather_object(rng_state())
 
 
-def save_training(args, epoch, model, optimizer, scaler, step=None, extra=None):
+@dataclass
+class RunState:
+    """Where a run continues and what it carries across restarts (kept off args)."""
+    epoch: int = 0                                  # the epoch to run next
+    step: int = 0                                   # its first step (> 0: resumed mid-epoch)
+    skip_steps: set = field(default_factory=set)    # (epoch, step) pairs stepped over (--nan_retries)
+    logger_totals: dict = None                      # the resumed epoch's metric sums so far
+
+    def start_step(self, epoch):
+        return self.step if epoch == self.epoch else 0
+
+    def totals_for(self, epoch):
+        return self.logger_totals if epoch == self.epoch and self.step else None
+
+
+def save_training(args, epoch, model, optimizer, scaler, step=None, run=None, logger_totals=None):
     """Everything needed to continue: model, optimizer, grad scaler, position,
-    args (plain dict) and every rank's RNG states. step=None marks the end of
-    `epoch`; otherwise the run continues at `step` of `epoch`. Old checkpoints
-    beyond --keep_last are removed, except every --save_every-th epoch's.
-    Returns the path written."""
+    args (plain dict), the run's skipped steps, the epoch's metric sums so far and
+    every rank's RNG states. step=None marks the end of `epoch`; otherwise the run
+    continues at `step` of `epoch`. Old checkpoints beyond --keep_last are removed,
+    except every --save_every-th epoch's. Returns the path written."""
     done = epoch if step is None else epoch - 1  # last completed epoch (MAE's 'epoch')
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "epoch": done,
              "next_epoch": done + 1 if step is None else epoch, "next_step": step or 0,
-             "args": plain_args(args), "rng": gather_rng_states(), **(extra or {})}
+             "args": plain_args(args), "rng": gather_rng_states(),
+             "skip_steps": sorted(list(s) for s in (run.skip_steps if run else ())),
+             "logger_totals": logger_totals}
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, checkpoint_name(epoch, step))
     save_on_main(state, path)
@@ -190,29 +203,63 @@ def prune_checkpoints(output_dir, keep_last, save_every, epochs):
                 os.remove(os.path.join(output_dir, name))
 
 
-def resume_training(args, model, optimizer, scaler):
+def resume_training(args, model, optimizer, scaler, run=None):
     """Continue from --resume or (with --auto_resume) the newest checkpoint in
-    output_dir. Sets args.start_epoch / args.start_step (the position to continue
-    from) and returns args.start_epoch. A weights-only checkpoint (no optimizer,
-    e.g. an official MAE file) loads the model and starts a new schedule."""
-    args.start_step = 0
-    path, state = find_resume_checkpoint(args)
-    if state is None:
-        return args.start_epoch
-    if "model" not in state:
-        raise UserError(f"checkpoint {path} has no 'model' entry")
-    load_model_state(model, state["model"], path, args.model, state.get("args", {}).get("model"))
-    if "optimizer" not in state:
-        print(f"loaded weights from {path}; starting at epoch {args.start_epoch}")
-        return args.start_epoch
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state.get("scaler") or {})
-    rngs = state.get("rng") or []
-    if get_rank() < len(rngs):
-        set_rng_state(rngs[get_rank()])
-    args.start_epoch = state.get("next_epoch", state["epoch"] + 1)
-    args.start_step = state.get("next_step", 0)
-    args.resume_logger_totals = state.get("logger_totals")
-    args.skip_steps = {tuple(s) for s in state.get("skip_steps", [])} | getattr(args, "skip_steps", set())
-    print(f"resumed from {path}; starting at epoch {args.start_epoch} step {args.start_step}")
-    return args.start_epoch
+    output_dir; returns the RunState to continue from (epoch --start_epoch, step 0
+    when there is nothing to resume). Given a `run` (a retry after a non-finite
+    loss), load the newest checkpoint in output_dir into it, keeping its skipped
+    steps. A weights-only checkpoint (no optimizer, e.g. an official MAE file)
+    loads the model and starts a new schedule."""
+    fresh = RunState(epoch=args.start_epoch)
+    path, state = find_resume_checkpoint(args, newest=run is not None)
+    if state is not None:
+        if "model" not in state:
+            raise UserError(f"checkpoint {path} has no 'model' entry")
+        load_model_state(model, state["model"], path, args.model, state.get("args", {}).get("model"))
+        if "optimizer" not in state:
+            print(f"loaded weights from {path}; starting at epoch {fresh.epoch}")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state.get("scaler") or {})
+            rngs = state.get("rng") or []
+            if get_rank() < len(rngs):
+                set_rng_state(rngs[get_rank()])
+            fresh = RunState(epoch=state.get("next_epoch", state["epoch"] + 1), step=state.get("next_step", 0),
+                             skip_steps={tuple(s) for s in state.get("skip_steps", [])},
+                             logger_totals=state.get("logger_totals"))
+            print(f"resumed from {path}; starting at epoch {fresh.epoch} step {fresh.step}")
+    if run is None:
+        return fresh
+    run.epoch, run.step, run.logger_totals = fresh.epoch, fresh.step, fresh.logger_totals
+    run.skip_steps |= fresh.skip_steps
+    return run
+
+
+class CheckpointSaver:
+    """Writes the run's checkpoints: after every epoch, and at step boundaries (the
+    first step of an accumulation group, where no gradient is pending) every
+    --save_every_steps steps or when preemption was asked for, then raises Preempted."""
+
+    def __init__(self, args, model, optimizer, scaler, run, device):
+        self.args, self.model, self.optimizer, self.scaler = args, model, optimizer, scaler
+        self.run, self.device = run, device
+        self.stop = False
+
+    def save(self, epoch, step=None, logger_totals=None):
+        return save_training(self.args, epoch, self.model, self.optimizer, self.scaler, step, self.run,
+                             logger_totals)
+
+    def poll_preemption(self):
+        """Distributed runs: every rank learns of a signal to any rank at the same step
+        (one tiny all-reduce, so call it every print_freq steps only)."""
+        if is_dist():
+            self.stop = self.stop or any_rank(preempt.requested_locally(), self.device)
+
+    def at_step_boundary(self, epoch, step, logger, guard):
+        if not is_dist():
+            self.stop = self.stop or preempt.requested_locally()
+        if self.stop or (self.args.save_every_steps and step % self.args.save_every_steps == 0):
+            guard.check()  # never save a state that went non-finite
+            self.save(epoch, step, logger.totals_after_flush())
+        if self.stop:
+            raise preempt.Preempted(f"preempted at epoch {epoch} step {step}")

@@ -74,10 +74,8 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
                    help="keep the newest N checkpoints (plus every --save_every-th epoch's and the final)")
     g.add_argument("--nan_retries", default=0, type=int,
                    help="on a non-finite loss, reload the last checkpoint and skip the batch, at most N times")
-    g.add_argument("--inject_nonfinite_step", default=-1, type=int, help=argparse.SUPPRESS)  # for tests
 
     g = parser.add_argument_group("distributed (set by torchrun)")
-    g.add_argument("--world_size", default=1, type=int)
     g.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     g.add_argument("--dist_on_itp", action="store_true")
     g.add_argument("--dist_url", default="env://")
@@ -94,7 +92,6 @@ def check_common_args(args):
                         f"got {args.save_every_steps}")
     if args.keep_last < 1 or args.nan_retries < 0:
         raise UserError("--keep_last must be >= 1 and --nan_retries >= 0")
-    args.skip_steps = set()  # (epoch, step) pairs that --nan_retries steps over
     if args.num_workers < 0:
         raise UserError("--num_workers must be >= 0")
     if args.data_path is not None and not os.path.isdir(args.data_path):

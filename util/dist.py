@@ -7,6 +7,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 
 def is_dist():
@@ -44,36 +45,39 @@ def _silence_non_main(is_master):
 
 
 def init_distributed_mode(args):
-    """Fill args.rank/world_size/gpu/distributed from the launcher's environment and
-    initialise the process group (NCCL on CUDA, gloo on CPU)."""
+    """Initialise the process group from the launcher's environment (NCCL on CUDA,
+    gloo on CPU) and return this process's torch.device (cuda:LOCAL_RANK under a
+    launcher). args is read, never written: rank and world size come from
+    get_rank() / get_world_size()."""
     env = os.environ
     if getattr(args, "dist_on_itp", False) and "OMPI_COMM_WORLD_RANK" in env:  # MPI launchers (MAE's ITP)
         env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
         env["LOCAL_RANK"] = env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
     if "RANK" in env and "WORLD_SIZE" in env:
-        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", max(getattr(args, "local_rank", 0), 0)))  # or --local-rank
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", max(getattr(args, "local_rank", 0), 0)))  # or --local-rank
     elif "SLURM_PROCID" in env and "MASTER_ADDR" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_PORT", "29500")
     else:
-        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
         _silence_non_main(True)
-        return
-    args.distributed = True
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # so "cuda" (RNG state, new tensors) means this GPU
+        return device
     use_cuda = torch.cuda.is_available() and str(args.device).startswith("cuda")
+    device = torch.device("cpu")
     if use_cuda:
-        args.gpu %= torch.cuda.device_count()  # srun may bind one GPU per task
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
+        device = torch.device("cuda", local % torch.cuda.device_count())  # srun may bind one GPU per task
+        torch.cuda.set_device(device)
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
-                            world_size=args.world_size,
-                            rank=args.rank)
-    _silence_non_main(args.rank == 0)
-    print(f"| distributed init rank {args.rank}/{args.world_size} backend {backend}", force=True)
+                            world_size=world_size, rank=rank)
+    _silence_non_main(rank == 0)
+    print(f"| distributed init rank {rank}/{world_size} backend {backend}", force=True)
     dist.barrier()
+    return device
 
 
 def cleanup():
@@ -81,40 +85,74 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor):
-    """In-place sum over ranks (no-op on one process); returns the tensor."""
-    if is_dist():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def _on_backend_device(tensor):
+    """NCCL reduces CUDA tensors only: CPU tensors travel through the current GPU."""
+    if dist.get_backend() == "nccl" and tensor.device.type == "cpu":
+        return tensor.cuda()
     return tensor
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward gives each rank the gradient of the summed loss.
+def _all_reduce(tensor, op):
+    if is_dist():
+        t = _on_backend_device(tensor)
+        dist.all_reduce(t, op=op)
+        if t is not tensor:
+            tensor.copy_(t)
+    return tensor
 
-    Every rank computes the same global loss on the gathered batch, so its local
-    gradient w.r.t. the gathered tensor is the full dL/dZ. Summing it over ranks
-    (rather than returning the local slice, as the published GatherLayer does)
-    cancels DDP's division by the world size: the parameter gradient then equals
-    that of one process holding the whole batch.
-    """
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.local_size = x.shape[0]
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out, dim=0)
+def all_reduce_sum(tensor):
+    """In-place sum over ranks (no-op on one process); returns the tensor."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = dist.get_rank() * ctx.local_size
-        return grad[start:start + ctx.local_size]
+
+def all_reduce_min(tensor):
+    """In-place minimum over ranks; returns the tensor."""
+    return _all_reduce(tensor, dist.ReduceOp.MIN)
+
+
+def all_reduce_max(tensor):
+    """In-place maximum over ranks; returns the tensor."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def any_rank(flag, device="cpu"):
+    """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
+    if not is_dist():
+        return bool(flag)
+    return bool(all_reduce_max(torch.tensor([1.0 if flag else 0.0], device=device)).item())
+
+
+def all_gather_padded(x, size):
+    """(world, size, ...): every rank's x (at most `size` rows, same trailing shape),
+    each padded with zeros to `size` rows."""
+    x = torch.cat([x, x.new_zeros((size - x.shape[0],) + x.shape[1:])])
+    if not is_dist():
+        return x.unsqueeze(0)
+    t = _on_backend_device(x.contiguous())
+    out = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(out, t)
+    return torch.stack(out).to(x.device)
+
+
+def all_gather_object(obj):
+    """Every rank's picklable `obj`, as a list by rank."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def gather_with_grad(x):
-    """Concatenate x (same shape on every rank) over ranks, differentiably."""
-    if not is_dist() or dist.get_world_size() == 1:
+    """Concatenate x (same shape on every rank) over ranks, differentiably.
+
+    The backward (torch's own differentiable all_gather) sums every rank's gradient
+    for the local slice: every rank computes the same global loss on the gathered
+    batch, so this cancels DDP's division by the world size and the parameter
+    gradient equals one process holding the whole batch. (The published GatherLayer
+    returns only the local gradient, which divides the regulariser by the world size.)
+    """
+    if not is_dist() or get_world_size() == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)

@@ -11,14 +11,15 @@ import time
 
 import torch
 
-from util.dist import all_reduce_sum
+from util.dist import all_reduce_sum, is_main_process
 
 
 class MetricLogger:
-    def __init__(self, delimiter="  "):
+    def __init__(self, totals=None, delimiter="  "):
         self.delimiter = delimiter
         self.window = {}    # name -> [device sum, count] since the last flush
-        self.totals = {}    # name -> [float sum, count] over the epoch
+        # name -> [float sum, count] over the epoch; a resumed epoch starts from its saved sums
+        self.totals = {k: list(v) for k, v in (totals or {}).items()}
 
     def update(self, n=1, **values):
         """Add values weighted by n (e.g. a batch mean with n = batch size)."""
@@ -59,7 +60,7 @@ class MetricLogger:
         keys = sorted(self.totals)
         t = torch.tensor([[self.totals[k][0], self.totals[k][1]] for k in keys], dtype=torch.float64)
         if distributed:
-            t = _reduce_on_backend_device(t)
+            all_reduce_sum(t)
         return {k: (s / max(n, 1)) for k, (s, n) in zip(keys, t.tolist())}
 
     def log_every(self, iterable, print_freq, header="", total=None, start=0, on_flush=None,
@@ -90,19 +91,8 @@ class MetricLogger:
         print(f"{header} total time: {datetime.timedelta(seconds=int(time.time() - t0))}")
 
 
-def _reduce_on_backend_device(t):
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = t.to(device)
-    all_reduce_sum(t)
-    return t.cpu()
-
-
 def tensorboard_writer(log_dir):
     """A SummaryWriter on the main process, None elsewhere."""
-    from util.dist import is_main_process
     if not is_main_process() or not log_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter
@@ -112,7 +102,6 @@ def tensorboard_writer(log_dir):
 
 def append_log(output_dir, stats):
     """One JSON line per epoch in output_dir/log.txt (main process only)."""
-    from util.dist import is_main_process
     if is_main_process() and output_dir:
         with open(os.path.join(output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(stats) + "\n")

@@ -1,7 +1,6 @@
-"""Fixed 2-D sin-cos position embeddings (MAE) and their interpolation."""
+"""Fixed 2-D sin-cos position embeddings (MAE) and their resizing (timm's)."""
 import numpy as np
-import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 
 def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
@@ -34,20 +33,11 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
 
 
 def interpolate_pos_embed(pos_embed, new_grid, num_extra_tokens=1):
-    """Bicubically resize a (1, extra + g*g, D) position embedding to new_grid x new_grid.
-
-    Extra tokens (cls) are kept as they are. Returns the input unchanged when the
-    grid already matches.
-    """
-    extra, grid_tokens = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
-    old_grid = int(round(grid_tokens.shape[1] ** 0.5))
-    if old_grid * old_grid != grid_tokens.shape[1]:
-        raise ValueError(f"position embedding with {grid_tokens.shape[1]} tokens is not a square grid")
-    if old_grid == new_grid:
-        return pos_embed
-    dim = grid_tokens.shape[-1]
-    grid_tokens = grid_tokens.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)
-    grid_tokens = F.interpolate(grid_tokens.float(), size=(new_grid, new_grid), mode="bicubic",
-                                align_corners=False)
-    grid_tokens = grid_tokens.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim)
-    return torch.cat([extra, grid_tokens.to(pos_embed.dtype)], dim=1)
+    """Resize a (1, extra + g*g, D) position embedding to new_grid x new_grid as MAE
+    does (bicubic, no antialiasing, extra tokens kept): timm's resample_abs_pos_embed,
+    after checking that the old grid is square (one clear error otherwise)."""
+    grid_tokens = pos_embed.shape[1] - num_extra_tokens
+    if int(round(grid_tokens ** 0.5)) ** 2 != grid_tokens:
+        raise ValueError(f"position embedding with {grid_tokens} tokens is not a square grid")
+    return resample_abs_pos_embed(pos_embed, [new_grid, new_grid], num_prefix_tokens=num_extra_tokens,
+                                  interpolation="bicubic", antialias=False)

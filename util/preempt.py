@@ -5,9 +5,7 @@ import os
 import signal
 import subprocess
 
-import torch
-
-from util.dist import get_rank, is_dist
+from util.dist import any_rank, get_rank
 
 _requested = {"signal": None}
 
@@ -26,15 +24,8 @@ def requested_locally():
 
 
 def stop_requested(device):
-    """True on every rank if any rank got the signal. Distributed runs pay one
-    tiny all-reduce (and host sync) per call, so call it every few steps only."""
-    flag = requested_locally()
-    if not is_dist():
-        return flag
-    import torch.distributed as dist
-    t = torch.tensor([1.0 if flag else 0.0], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    """True on every rank if any rank got the signal (one tiny all-reduce when distributed)."""
+    return any_rank(requested_locally(), device)
 
 
 class Preempted(Exception):

@@ -25,8 +25,8 @@ def reconstruction_grid(model, imgs, mask_ratio, seed=0):
     model.eval()
     g = torch.Generator().manual_seed(seed)
     noise = torch.rand(imgs.shape[0], model.patch_embed.num_patches, generator=g).to(imgs.device)
-    _, pred, mask, _, _ = model(imgs, mask_ratio, noise)
-    pred = pred.float()
+    out = model(imgs, mask_ratio, noise)
+    pred, mask = out.pred.float(), out.mask
     if model.norm_pix_loss:
         target = model.patchify(imgs)
         mean = target.mean(dim=-1, keepdim=True)

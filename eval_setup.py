@@ -18,17 +18,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 import models_vit
-from engine_finetune import train_one_epoch
+from engine_finetune import evaluate, train_one_epoch
 from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler
 from util.cli import add_bool, check_common_args, seed_everything
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_nb_classes,
                            eval_loader, eval_transform, num_classes_of, train_loader)
-from util.dist import cleanup, get_rank, init_distributed_mode
+from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError
 from util.metric_logger import append_log, tensorboard_writer
-from util.train_loop import evaluate, run_with_retries
+from util.survival import run_with_retries
 
 BEST = "checkpoint-best.pth"
 
@@ -55,12 +55,12 @@ def prepare(args):
         raise UserError(f"pretrained checkpoint {args.finetune} (--finetune) does not exist")
     if args.eval and not args.resume and not ckpt.list_checkpoints(args.output_dir):
         raise UserError("--eval needs a checkpoint: pass --resume, or an --output_dir holding one")
-    init_distributed_mode(args)
+    device = init_distributed_mode(args)
     seed_everything(args.seed + get_rank())
-    if torch.device(args.device).type == "cuda":
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return torch.device(args.device)
+    return device
 
 
 def linprobe_transform(input_size):
@@ -120,11 +120,10 @@ def _report(prefix, stats):
           f"on {stats['n']} val images")
 
 
-def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
-    device = torch.device(args.device)
+def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
     model_without_ddp = model
     scaler = grad_scaler(device, args.amp)
-    ckpt.resume_training(args, model_without_ddp, optimizer, scaler)
+    run_state = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)
     if get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.eval:
@@ -136,29 +135,25 @@ def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
         return stats
 
     max_acc = _previous_best(args)
-    if args.distributed:
-        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    if get_world_size() > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_train = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    eff_batch = args.batch_size * args.accum_iter * args.world_size
+    eff_batch = args.batch_size * args.accum_iter * get_world_size()
     print(f"model {args.model} ({'global pool' if args.global_pool else 'cls token'}): "
           f"{n_train / 1e6:.3f}M trainable params; {args.nb_classes} classes")
     print(f"effective batch {eff_batch}, lr {args.lr:.3g} (blr {args.blr:.3g}); "
-          f"{len(data.train_loader)} steps/epoch; amp {args.amp}; device {device}; world size {args.world_size}")
+          f"{len(data.train_loader)} steps/epoch; amp {args.amp}; device {device}; world size {get_world_size()}")
     print("args: " + json.dumps(ckpt.plain_args(args)))
     log_writer = tensorboard_writer(args.log_dir)
+    saver = ckpt.CheckpointSaver(args, model_without_ddp, optimizer, scaler, run_state, device)
 
-    def save(epoch, step=None, logger_totals=None):
-        extra = {"skip_steps": sorted(args.skip_steps), "logger_totals": logger_totals}
-        ckpt.save_training(args, epoch, model_without_ddp, optimizer, scaler, step, extra)
-
-    def epochs():
+    def train():
         nonlocal max_acc
-        for epoch in range(args.start_epoch, args.epochs):
-            start_step = args.start_step if epoch == args.start_epoch else 0
+        for epoch in range(run_state.epoch, args.epochs):
             data.train_loader.sampler.set_epoch(epoch)
-            data.train_loader.sampler.start_index = start_step * args.batch_size
-            train_stats = train_one_epoch(model, criterion, data.train_loader, optimizer, device, epoch,
-                                          scaler, args, mixup_fn, clip_grad, log_writer, start_step, save)
+            data.train_loader.sampler.start_index = run_state.start_step(epoch) * args.batch_size
+            train_stats = train_one_epoch(model, criterion, data.train_loader, optimizer, scaler, device, epoch,
+                                          run_state, saver, args, mixup_fn, clip_grad, log_writer)
             test = evaluate(model_without_ddp, data.val_loader, device, args)
             _report(f"epoch {epoch}", test)
             if test["acc1"] > max_acc:
@@ -169,7 +164,7 @@ def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
             print(f"max top-1: {max_acc:.2f}")
             # Every epoch, so auto-resume loses little; save_training prunes all but the
             # newest, every --save_every-th and the final checkpoint.
-            save(epoch)
+            saver.save(epoch)
             if log_writer is not None:
                 for k in ("acc1", "acc5", "loss"):
                     log_writer.add_scalar(f"val/{k}", test[k], epoch)
@@ -182,7 +177,8 @@ def run(args, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
 
     preempt.install_handlers()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0
     t0 = time.time()
-    run_with_retries(args, epochs, lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler))
+    run_with_retries(args, run_state, train,
+                     lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler, run_state))
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
     if log_writer is not None:
         log_writer.close()

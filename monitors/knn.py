@@ -11,48 +11,11 @@ all-gathered and merged into the global top-k, and each rank scores its own
 queries. The counts are summed, so the result equals one process holding it all.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from util.diagnostics import encode
-from util.dist import all_reduce_sum, get_rank, get_world_size, is_dist
-
-
-@torch.no_grad()
-def extract_features(model, loader, device, amp="none", pools=(None,)):
-    """(features (n, d) float32, labels (n,)) of a loader's shard, unmasked, on `device`.
-    With several `pools` (see util.diagnostics.encode) the features are a list, one per pool."""
-    was_training = model.training
-    model.eval()
-    feats, labels = [[] for _ in pools], []
-    for imgs, target in loader:
-        out = encode(model, imgs.to(device, non_blocking=True), amp, pools)
-        for f, o in zip(feats, out if len(pools) > 1 else [out]):
-            f.append(o)
-        labels.append(torch.as_tensor(target).to(device))
-    model.train(was_training)
-    d = model.norm.normalized_shape[0]
-    feats = [torch.cat(f) if f else torch.zeros(0, d, device=device) for f in feats]
-    labels = torch.cat(labels).long() if labels else torch.zeros(0, dtype=torch.long, device=device)
-    return (feats if len(pools) > 1 else feats[0]), labels
-
-
-def _all_gather_padded(x, size):
-    """Gather x (rows <= size, same trailing shape on every rank), each padded to `size` rows."""
-    pad = x.new_zeros((size - x.shape[0],) + x.shape[1:])
-    x = torch.cat([x, pad])
-    if not is_dist():
-        return x.unsqueeze(0)
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.stack(out)
-
-
-def _max_over_ranks(value, device):
-    t = torch.tensor([value], device=device)
-    if is_dist():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+from monitors.features import extract_features
+from util.datasets import build_dataset, eval_loader, eval_transform
+from util.dist import all_gather_padded, all_reduce_max, all_reduce_sum, get_rank
 
 
 @torch.no_grad()
@@ -67,12 +30,13 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, nb_classes, k=20, tem
     bank_size = int(all_reduce_sum(torch.tensor([bank.shape[0]], device=device)).item())
     k_eff = min(k, bank_size)
     k_local = min(k_eff, bank.shape[0])
-    steps = _max_over_ranks((queries.shape[0] + batch_size - 1) // batch_size, device)
+    steps = int(all_reduce_max(torch.tensor([(queries.shape[0] + batch_size - 1) // batch_size],
+                                            device=device)).item())
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, n
     for step in range(steps):
         q = queries[step * batch_size:(step + 1) * batch_size]
         n_local = q.shape[0]
-        q_all = _all_gather_padded(q, batch_size).flatten(0, 1)  # (W*B, d), same on every rank
+        q_all = all_gather_padded(q, batch_size).flatten(0, 1)  # (W*B, d), same on every rank
         sims = q_all @ bank.T
         # local candidates, padded with -inf where this shard holds fewer than k rows
         val = torch.full((q_all.shape[0], k_eff), -float("inf"), device=device)
@@ -83,8 +47,8 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, nb_classes, k=20, tem
         # merge: this rank's rows of the query batch, candidates from every rank
         rank, width = get_rank(), batch_size
         own = slice(rank * width, rank * width + n_local)
-        val = _all_gather_padded(val[None], 1)[:, 0, own]  # (W, n_local, k)
-        lab = _all_gather_padded(lab[None], 1)[:, 0, own]
+        val = all_gather_padded(val[None], 1)[:, 0, own]  # (W, n_local, k)
+        lab = all_gather_padded(lab[None], 1)[:, 0, own]
         val, lab = val.permute(1, 0, 2).flatten(1), lab.permute(1, 0, 2).flatten(1)
         top_val, top_idx = val.topk(k_eff, dim=1)
         top_lab = lab.gather(1, top_idx)
@@ -104,7 +68,6 @@ _BANKS = {}  # the train split with eval transform, built once per run (listing 
 
 def knn_monitor(model, dataset_val, device, args, dataset_train=None):
     """kNN accuracy of the model: train split (eval transform) as bank, val as queries."""
-    from util.datasets import build_dataset, eval_loader, eval_transform
     if dataset_train is None:
         key = (args.dataset, args.data_path, args.class_subset, args.input_size, args.synthetic_size)
         if key not in _BANKS:

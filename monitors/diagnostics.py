@@ -19,8 +19,11 @@ import math
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torchvision.transforms.functional import pil_to_tensor
 
-from util.amp import autocast
+from monitors.features import encode
+from monitors.knn import knn_monitor
+from util.datasets import eval_loader
 from util.dist import all_reduce_sum, is_main_process
 
 
@@ -105,20 +108,6 @@ def tcr_from_gram(ngram, nsum, m, uniformity_mu=1.0, centering=False):
 
 
 @torch.no_grad()
-def encode(model, imgs, amp="none", pools=(None,)):
-    """Pooled encoder features of unmasked images, one (n, d) tensor per entry of `pools`
-    (global_pool values: False = cls, True = mean patch token, None = the model's own),
-    from one encoder pass; a lone pool gives the tensor itself. The `noise` keeps the patch order and spares the
-    global RNG, so monitoring does not change a training run."""
-    n, length = imgs.shape[0], model.patch_embed.num_patches
-    noise = torch.arange(length, device=imgs.device, dtype=torch.float32).expand(n, length)
-    with autocast(imgs.device, amp):
-        latent, _, _ = model.forward_encoder(imgs, 0.0, noise)
-        out = [model.pooled_features(latent, p).float() for p in pools]
-    return out[0] if len(out) == 1 else out
-
-
-@torch.no_grad()
 def feature_stats(model, loader, device, amp="none", uniformity_mu=1.0, centering=False, global_pool=None):
     """Diagnostics of the model's features over a (rank-sharded) loader."""
     was_training = model.training
@@ -162,12 +151,6 @@ def spectrum_plot(singular_values, title="", width=480, height=320):
     return img
 
 
-def pil_to_chw(img):
-    """PIL RGB image -> (3, H, W) float tensor in [0, 1], for TensorBoard's add_image."""
-    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return t.view(img.height, img.width, 3).permute(2, 0, 1).float() / 255
-
-
 def diag_subset(dataset, num_images):
     """A fixed, evenly spaced subset (class folders are sorted, so all classes show)."""
     n = len(dataset)
@@ -186,7 +169,6 @@ def log_diagnostics(model, dataset_val, device, args, epoch, log_writer=None):
     """The pretraining hook: diagnostics on --diag_images val images (and, with
     --knn_monitor, kNN accuracy); logs to TensorBoard and returns log.txt stats.
     Every rank must call it (the sums are all-reduced)."""
-    from util.datasets import eval_loader
     if not getattr(args, "diag_images", 0) and not getattr(args, "knn_monitor", False):
         return {}
     stats = {}
@@ -199,9 +181,8 @@ def log_diagnostics(model, dataset_val, device, args, epoch, log_writer=None):
             for k in ("effective_rank", "dims99", "uniformity", "tcr"):
                 log_writer.add_scalar(f"diag/{k}", d[k], epoch)
             plot = spectrum_plot(d["singular_values"], f"epoch {epoch}: erank {d['effective_rank']:.1f}")
-            log_writer.add_image("diag/spectrum", pil_to_chw(plot), epoch)
+            log_writer.add_image("diag/spectrum", pil_to_tensor(plot), epoch)
     if getattr(args, "knn_monitor", False):
-        from util.knn import knn_monitor
         acc = knn_monitor(model, dataset_val, device, args)
         print(f"kNN (k={acc['k']}) on {acc['n']} val images: top-1 {acc['acc1']:.2f}  top-5 {acc['acc5']:.2f}")
         stats.update({"val_knn_acc1": acc["acc1"], "val_knn_acc5": acc["acc5"]})
