@@ -21,27 +21,67 @@ from util.metric_logger import MetricLogger
 from util.survival import NonFiniteGuard
 
 
-def compute_losses(model, samples, targets, args, noise=None):
-    """The forward of one step: (total loss, dict of its detached parts, online logits).
-    `noise` fixes the mask (tests, benchmarks); None draws a random one."""
+def compute_losses(model, samples, targets, args, noise=None, reg_grad=None, loss_reg=None):
+    """The forward of one step: (loss to back-propagate, dict of detached loss parts,
+    online logits). `noise` fixes the mask (tests, benchmarks, the exact accumulation);
+    None draws a random one. With `reg_grad` (exact regulariser under accumulation,
+    see regulariser_grads) the regulariser's gradient w.r.t. these features was already
+    computed on the whole group: the loss then carries <features, reg_grad> in its place
+    and `loss_reg` is its value, for the log."""
     with autocast(samples.device, args.amp):
         out = model(samples, args.mask_ratio, noise)
-    if args.reg != "none" and args.lamb > 0:
+    if reg_grad is not None:
+        reg_term = (out.features.to(reg_grad.dtype) * reg_grad).sum()
+    elif args.reg != "none" and args.lamb > 0:
         loss_reg = regularizer_loss(out.features, args.reg, args.uniformity_mu, args.centering)
+        reg_term = args.lamb * loss_reg
     else:
-        loss_reg = torch.zeros((), device=samples.device)
-    loss_ce = F.cross_entropy(out.logits.float(), targets)  # online head; its input is detached
-    loss = out.loss.float() + args.lamb * loss_reg + loss_ce
+        loss_reg = reg_term = torch.zeros((), device=samples.device)
+    fp32 = torch.promote_types(out.logits.dtype, torch.float32)  # float64 kept (tests)
+    loss_ce = F.cross_entropy(out.logits.to(fp32), targets)  # online head; its input is detached
+    loss = out.loss.to(fp32) + reg_term + loss_ce
     return loss, {"loss_mae": out.loss.detach(), "loss_reg": loss_reg.detach(),
                   "loss_ce": loss_ce.detach()}, out.logits
 
 
-def train_one_epoch(model, data_loader, optimizer, scaler, device, epoch, run, saver, args, log_writer=None):
+def exact_accumulation(args):
+    """Whether the regulariser sees the whole effective batch under --accum_iter (default)."""
+    return args.accum_iter > 1 and args.reg != "none" and args.lamb > 0 and args.accum_reg == "exact"
+
+
+@torch.no_grad()
+def regulariser_grads(model, batches, group_size, args):
+    """The exact regulariser of an accumulation group (a gradient cache): every
+    micro-batch's features with its mask drawn here (encoder only, no graph), the
+    regulariser on all of them at once (and all ranks: loss_func gathers), and its
+    gradient w.r.t. each micro-batch's features, times group_size (each micro-batch's
+    loss is divided by it). The second pass, compute_losses with the same noise,
+    back-propagates <features, grad>: the parameter gradient then equals one batch of
+    the whole group's. Returns [(noise, grad, reg value)] per micro-batch. `model`
+    without DDP/compile wrappers."""
+    noises, feats = [], []
+    for _, samples, _ in batches:
+        noise = torch.rand(samples.shape[0], model.patch_embed.num_patches, device=samples.device)
+        with autocast(samples.device, args.amp):
+            latent, _, _ = model.forward_encoder(samples, args.mask_ratio, noise)
+            f = model.pooled_features(latent)
+            feats.append(f.to(torch.promote_types(f.dtype, torch.float32)))
+        noises.append(noise)
+    with torch.enable_grad():
+        z = torch.cat(feats).requires_grad_(True)
+        reg = regularizer_loss(z, args.reg, args.uniformity_mu, args.centering)
+        (grad,) = torch.autograd.grad(args.lamb * group_size * reg, z)
+    return [(n, g, reg.detach()) for n, g in zip(noises, grad.split([f.shape[0] for f in feats]))]
+
+
+def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, device, epoch, run, saver, args,
+                    log_writer=None):
     """One epoch from run.start_step(epoch); returns the epoch's averaged metrics."""
     model.train()
     start = run.start_step(epoch)
     num_steps = start + len(data_loader)
     groups = accumulation_groups(num_steps, args.accum_iter)
+    exact = exact_accumulation(args)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     logger, guard = MetricLogger(run.totals_for(epoch)), NonFiniteGuard(epoch, device)
 
@@ -53,6 +93,7 @@ def train_one_epoch(model, data_loader, optimizer, scaler, device, epoch, run, s
                 log_writer.add_scalar(f"train/{k}", v, int((step / num_steps + epoch) * 1000))
 
     optimizer.zero_grad(set_to_none=True)
+    pending = []  # the group's batches not yet run: one at a time, or the whole group when exact
     batches = logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]", total=num_steps, start=start,
                                on_flush=on_flush, batch_size=args.batch_size * get_world_size())
     for step, (samples, targets) in enumerate(batches, start=start):
@@ -62,15 +103,20 @@ def train_one_epoch(model, data_loader, optimizer, scaler, device, epoch, run, s
                 saver.at_step_boundary(epoch, step, logger, guard)
             lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
         if (epoch, step) not in run.skip_steps:  # stepped over after a non-finite loss (--nan_retries)
-            samples = samples.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with maybe_no_sync(model, sync=last):  # DDP all-reduces gradients at the group's end only
-                loss, parts, logits = compute_losses(model, samples, targets, args)
+            pending.append((step, samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)))
+        if exact and not last:
+            continue  # the exact regulariser needs the features of the whole group first
+        cache = regulariser_grads(model_without_ddp, pending, group_size, args) if exact and pending else None
+        for i, (at, samples, targets) in enumerate(pending):
+            noise, reg_grad, loss_reg = cache[i] if cache else (None, None, None)
+            with maybe_no_sync(model, sync=last and i + 1 == len(pending)):  # DDP reduces at the group's end
+                loss, parts, logits = compute_losses(model, samples, targets, args, noise, reg_grad, loss_reg)
                 scaler.scale(loss / group_size).backward()
-            loss = loss.detach()
-            guard.record(step, loss)
+            guard.record(at, loss.detach())
+            total = parts["loss_mae"].float() + args.lamb * parts["loss_reg"] + parts["loss_ce"]
             acc = (logits.detach().argmax(dim=-1) == targets).float().mean() * 100
-            logger.update(n=samples.shape[0], loss=loss, **parts, acc=acc, lr=lr)
+            logger.update(n=samples.shape[0], loss=total, **parts, acc=acc, lr=lr)
+        pending = []
         if last and any(p.grad is not None for p in params):
             if args.clip_grad:
                 scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one

@@ -23,7 +23,7 @@ from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler
 from util.cli import add_bool, check_common_args, seed_everything
-from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, check_nb_classes,
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, check_nb_classes,
                            eval_loader, eval_transform, num_classes_of, train_loader)
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError
@@ -64,9 +64,9 @@ def prepare(args):
 
 
 def linprobe_transform(input_size):
-    """MAE's linear-probe augmentation: RandomResizedCrop (default scale) + flip."""
+    """MAE's linear-probe augmentation: its own RandomResizedCrop (default scale) + flip."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        MAERandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -87,8 +87,8 @@ def build_optimizer(model, args):
     models_vit's group_matcher timm gives MAE's scales decay^(depth + 1 - layer_id),
     layer_id 0 for patch_embed/cls_token/pos_embed, i + 1 for block i, depth + 1
     for norm/fc_norm/head. No weight decay on 1-d tensors, cls_token, pos_embed."""
-    groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
-                                      layer_decay=args.layer_decay)
+    groups = param_groups_layer_decay(model, weight_decay=args.weight_decay,
+                                      no_weight_decay_list=model.no_weight_decay(), layer_decay=args.layer_decay)
     # One fused kernel for all parameters (CUDA, and CPU since torch 2.4), as util/optim.adamw.
     return torch.optim.AdamW(groups, lr=args.lr, fused=torch.device(args.device).type in ("cuda", "cpu"))
 

@@ -12,7 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import models_mae
-from engine_pretrain import train_one_epoch
+from engine_pretrain import exact_accumulation, train_one_epoch
 from loss_func import REG_ALIASES, REG_CHOICES
 from monitors.diagnostics import log_diagnostics
 from monitors.online import evaluate_online
@@ -58,6 +58,9 @@ def get_args_parser():
     g.add_argument("--lamb", default=0.0, type=float, help="weight of the regulariser")
     g.add_argument("--uniformity_mu", default=1.0, type=float, help="mu of the TCR term")
     add_bool(g, "--centering", False, "centre the features in the TCR term")
+    g.add_argument("--accum_reg", default="exact", choices=["exact", "micro"],
+                   help="with --accum_iter > 1: the regulariser on the whole effective batch, its gradient "
+                        "exact (one extra encoder forward per micro-batch), or on each micro-batch alone")
     g = parser.add_argument_group("monitoring")
     g.add_argument("--val_interval", default=10, type=int,
                    help="online probe top-1/top-5 on the val split every N epochs (0 = never)")
@@ -116,7 +119,8 @@ def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run
         loader.sampler.set_epoch(epoch)
         loader.sampler.start_index = run.start_step(epoch) * args.batch_size
         stats = {f"train_{k}": v for k, v in train_one_epoch(
-            model, loader, optimizer, scaler, device, epoch, run, saver, args, log_writer).items()}
+            model, model_without_ddp, loader, optimizer, scaler, device, epoch, run, saver, args,
+            log_writer).items()}
         last = epoch + 1 == args.epochs
         if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
             val = evaluate_online(model_without_ddp, eval_loader(dataset_val, args), device, args)
@@ -167,6 +171,10 @@ def main(args):
           f"trainable params; reg {args.reg} lamb {args.lamb}")
     print(f"effective batch {eff_batch}, lr {args.lr:.3g} (blr {args.blr:.3g}); {len(loader)} steps/epoch; "
           f"amp {args.amp}; device {device}; world size {get_world_size()}")
+    if args.accum_iter > 1 and args.reg != "none" and args.lamb > 0:
+        print("regulariser under accumulation: " + (
+            f"exact, on the effective batch of {eff_batch}" if exact_accumulation(args) else
+            f"per micro-batch of {args.batch_size * get_world_size()} (--accum_reg micro)"))
     print("args: " + json.dumps(ckpt.plain_args(args)))
     if get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)

@@ -93,9 +93,6 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def no_weight_decay(self):
-        return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
-
     # ---- pixels <-> patches -------------------------------------------------
     def patchify(self, imgs):
         """(N, C, H, W) -> (N, L, p*p*C), patch pixels in (p, p, C) order as in MAE."""
@@ -168,12 +165,13 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_loss(self, imgs, pred, mask):
         """Mean squared error per patch, averaged over the masked patches (in float32)."""
-        target = self.patchify(imgs).float()
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # at least float32, float64 kept
+        target = self.patchify(imgs).to(dtype)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = (pred.float() - target).pow(2).mean(dim=-1)
+        loss = (pred.to(dtype) - target).pow(2).mean(dim=-1)
         # mask_ratio 0 leaves nothing to reconstruct: the loss is then 0, not NaN.
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 

@@ -177,7 +177,7 @@ def our_args(cli, method):
                               uniformity_mu=1.0, centering=False, weight_decay=0.05, lr=1e-4,
                               min_lr=0.0, warmup_epochs=0, epochs=1, accum_iter=1,
                               batch_size=cli.batch_size, print_freq=10**9, save_every_steps=0,
-                              clip_grad=None, device=str(cli.device))
+                              clip_grad=None, accum_reg="exact", device=str(cli.device))
 
 
 def our_steps(model, optimizer, scaler, samples, targets, args, n):
@@ -186,7 +186,8 @@ def our_steps(model, optimizer, scaler, samples, targets, args, n):
     run = RunState()
     saver = CheckpointSaver(args, model, optimizer, scaler, run, samples.device)  # saves nothing here
     with contextlib.redirect_stdout(io.StringIO()):  # its end-of-epoch lines
-        train_one_epoch(model, [(samples, targets)] * n, optimizer, scaler, samples.device, 0, run, saver, args)
+        train_one_epoch(model, model, [(samples, targets)] * n, optimizer, scaler, samples.device, 0, run, saver,
+                        args)
 
 
 def published_regularizer(features, reg, mu=1.0):

@@ -2,6 +2,8 @@
 with torch.load(weights_only=True). Written by rank 0 only, atomically: a
 temporary file in the same folder, flushed and fsynced, then renamed, so a
 crash mid-write never leaves a truncated file under a checkpoint's name."""
+import argparse
+import contextlib
 import os
 import pickle
 import random
@@ -58,13 +60,16 @@ def save_on_main(obj, path):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True; every failure becomes one clear line."""
+    """Load with weights_only=True; every failure becomes one clear line. The one
+    object allowed besides plain data is argparse.Namespace, which the official MAE /
+    U-MAE / M-MAE training scripts store as 'args' (returned here as a dict)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save writes zip archives (torch >= 1.6)
         raise UserError(f"checkpoint {path} is truncated or corrupt (not a torch zip archive)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _allowing(argparse.Namespace):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"checkpoint {path} holds pickled objects and is refused "
@@ -72,12 +77,24 @@ def load_checkpoint(path):
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is truncated or corrupt: {first}") from None
+    if isinstance(state, dict) and isinstance(state.get("args"), argparse.Namespace):
+        state["args"] = vars(state["args"])
+    return state
+
+
+def _allowing(*types):
+    """weights_only loading that also accepts these classes (torch >= 2.5 scopes it to the
+    call; torch 2.4 has only the process-wide allowlist)."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(list(types))
+    torch.serialization.add_safe_globals(list(types))
+    return contextlib.nullcontext()
 
 
 def rng_state():
     state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if torch.cuda.is_available():  # this process's GPU (cuda:N), which draws its masks
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -88,7 +105,7 @@ def set_rng_state(state):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 def _numpy_state():
@@ -220,7 +237,7 @@ def resume_training(args, model, optimizer, scaler, run=None):
             print(f"loaded weights from {path}; starting at epoch {fresh.epoch}")
         else:
             optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state.get("scaler") or {})
+            load_scaler_state(scaler, state.get("scaler"), path)
             rngs = state.get("rng") or []
             if get_rank() < len(rngs):
                 set_rng_state(rngs[get_rank()])
@@ -233,6 +250,17 @@ def resume_training(args, model, optimizer, scaler, run=None):
     run.epoch, run.step, run.logger_totals = fresh.epoch, fresh.step, fresh.logger_totals
     run.skip_steps |= fresh.skip_steps
     return run
+
+
+def load_scaler_state(scaler, saved, path):
+    """An fp16 run resumed from a bf16 or fp32 checkpoint (whose scaler was disabled and
+    saved nothing) starts a fresh loss scale; otherwise the saved scale continues."""
+    if scaler.is_enabled() and not saved:
+        print(f"note: {path} has no fp16 loss-scaler state (saved without --amp fp16); "
+              f"starting a fresh scaler at scale {scaler.get_scale():g}")
+        return
+    if saved:
+        scaler.load_state_dict(saved)
 
 
 class CheckpointSaver:
