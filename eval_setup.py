@@ -23,8 +23,8 @@ from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler
 from util.cli import add_bool, check_common_args, seed_everything
-from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, check_nb_classes,
-                           eval_loader, eval_transform, num_classes_of, train_loader)
+from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, build_train_set,
+                           check_nb_classes, eval_loader, eval_transform, num_classes_of, on_device, train_loader)
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError
 from util.metric_logger import append_log, tensorboard_writer
@@ -37,10 +37,12 @@ def add_eval_args(parser, model, global_pool):
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, help=", ".join(models_vit.MODELS))
     g.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
+    g.add_argument("--depth", default=None, type=int, help="override the model's number of blocks")
     g.add_argument("--finetune", default="", help="pretrained checkpoint (ours or an official MAE file)")
     add_bool(g, "--global_pool", global_pool, "classify the mean patch token (+ fc_norm) instead of cls")
     g.add_argument("--cls_token", action="store_false", dest="global_pool",
                    help="classify the cls token (same as --global_pool false)")
+    add_bool(g, "--compile", False, "torch.compile the model")
     g.add_argument("--eval", action="store_true",
                    help="only evaluate --resume (default: the newest checkpoint in output_dir)")
     return parser
@@ -74,7 +76,8 @@ def linprobe_transform(input_size):
 
 def build_data(args, train_tf):
     """Train (unless --eval) and val sets and loaders; fills/checks args.nb_classes."""
-    dataset_train = None if args.eval else build_dataset(args, "train", train_tf)
+    # train_tf's crop is done while decoding unless --fast_decode false (util.datasets.build_train_set)
+    dataset_train, normalize = (None, None) if args.eval else build_train_set(args, train_tf)
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size))
     check_nb_classes(args, dataset_train if dataset_train is not None else dataset_val)
     if num_classes_of(dataset_val) != args.nb_classes:
@@ -82,7 +85,8 @@ def build_data(args, train_tf):
                         f"the train split {args.nb_classes}")
     return SimpleNamespace(
         train=dataset_train, val=dataset_val,
-        train_loader=None if args.eval else train_loader(dataset_train, args, seed=args.seed),
+        train_loader=None if args.eval else on_device(train_loader(dataset_train, args, seed=args.seed),
+                                                      normalize, args.device),
         val_loader=eval_loader(dataset_val, args))
 
 
@@ -91,8 +95,7 @@ def build_model(args, drop_path_rate=0.0):
     the evaluated checkpoint holds every weight)."""
     kwargs = dict(img_size=args.input_size, num_classes=args.nb_classes,
                   global_pool=args.global_pool, drop_path_rate=drop_path_rate)
-    if args.patch_size:
-        kwargs["patch_size"] = args.patch_size
+    kwargs.update({k: getattr(args, k) for k in ("patch_size", "depth") if getattr(args, k)})
     model = models_vit.MODELS[args.model](**kwargs)
     if args.finetune and not args.eval:
         missing, dropped = models_vit.load_pretrained(model, args.finetune, args.model)
@@ -137,6 +140,8 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
     max_acc = _previous_best(args)
     if get_world_size() > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
     n_train = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     eff_batch = args.batch_size * args.accum_iter * get_world_size()
     print(f"model {args.model} ({'global pool' if args.global_pool else 'cls token'}): "

@@ -59,35 +59,36 @@ class VisionTransformer(TimmVisionTransformer):
         return self.head(features)
 
 
-def _vit(embed_dim, depth, num_heads, default_patch_size, **kwargs):
-    kwargs.setdefault("patch_size", default_patch_size)
-    img_size, patch_size = kwargs.get("img_size", 224), kwargs["patch_size"]
-    if img_size % patch_size != 0:
-        raise UserError(f"input size {img_size} is not divisible by patch size {patch_size}")
-    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
-                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+def _vit(embed_dim, depth, num_heads, patch_size, overrides):
+    """A registry size; keywords in `overrides` (img_size, patch_size, depth, ...) replace it."""
+    cfg = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size, mlp_ratio=4,
+               qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    cfg.update(overrides)
+    if cfg.get("img_size", 224) % cfg["patch_size"] != 0:
+        raise UserError(f"input size {cfg.get('img_size', 224)} is not divisible by patch size {cfg['patch_size']}")
+    return VisionTransformer(**cfg)
 
 
 # Same encoder sizes as models_mae's mae_vit_* (tiny and small for CPU and small
-# images). Keywords: img_size, patch_size, num_classes, global_pool, drop_path_rate.
+# images). Keywords: img_size, patch_size, depth, num_classes, global_pool, drop_path_rate.
 def vit_tiny_patch16(**kwargs):
-    return _vit(192, 12, 3, 16, **kwargs)
+    return _vit(192, 12, 3, 16, kwargs)
 
 
 def vit_small_patch16(**kwargs):
-    return _vit(384, 12, 6, 16, **kwargs)
+    return _vit(384, 12, 6, 16, kwargs)
 
 
 def vit_base_patch16(**kwargs):
-    return _vit(768, 12, 12, 16, **kwargs)
+    return _vit(768, 12, 12, 16, kwargs)
 
 
 def vit_large_patch16(**kwargs):
-    return _vit(1024, 24, 16, 16, **kwargs)
+    return _vit(1024, 24, 16, 16, kwargs)
 
 
 def vit_huge_patch14(**kwargs):
-    return _vit(1280, 32, 16, 14, **kwargs)
+    return _vit(1280, 32, 16, 14, kwargs)
 
 
 MODELS = {f.__name__: f for f in (vit_tiny_patch16, vit_small_patch16, vit_base_patch16,

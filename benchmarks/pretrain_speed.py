@@ -239,7 +239,7 @@ def reference_model(model):
 
 
 def reference_optimizer(model, lr=1e-4, weight_decay=0.05):
-    groups = param_groups_weight_decay(model, weight_decay, model.no_weight_decay())
+    groups = param_groups_weight_decay(model, weight_decay=weight_decay)  # MAE: no skip list
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), foreach=False, fused=False)
 
 

@@ -14,6 +14,10 @@ TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size",
         "--warmup_epochs", "1", "--print_freq", "2", "--val_interval", "0", "--vis_every", "0"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (benchmarks/gpu_acceptance.py runs them)")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,6 @@
 """Surviving kills: auto-resume, crash-safe checkpoints, exact continuation,
 preemption, non-finite retries and safe loading."""
-import argparse
+import datetime
 import os
 import random
 import signal
@@ -137,7 +137,8 @@ def test_nonfinite_loss_retry_skips_the_batch(tmp_path, tiny_args):
 
 def test_pickled_checkpoint_is_refused(tmp_path, tiny_args):
     bad = tmp_path / "pickled.pth"
-    torch.save({"model": {}, "args": argparse.Namespace(model="x")}, bad)
+    # (an argparse.Namespace, as official checkpoints hold, is the one object allowed)
+    torch.save({"model": {}, "args": {"model": "x"}, "when": datetime.date(2024, 1, 1)}, bad)
     proc = run_script("main_pretrain.py", *tiny_args, "--resume", bad, "--output_dir", tmp_path / "o")
     assert_one_line_error(proc, "pickled objects", "weights_only")
 

@@ -1,0 +1,255 @@
+"""The CUDA code paths, run on the CPU where PyTorch allows it: fp16 autocast with a
+GradScaler, torch.compile (inductor) in the training step, alone and under DDP, and
+--gpu_decode with the device set to CPU. `pytest -k "fp16 or compile or gpu_decode"`
+selects them (with the gpu_decode tests of test_pretrain.py and test_speed.py).
+
+Not exercisable without a GPU: pinned host memory (pin_memory() needs an accelerator;
+the entry points turn --pin_mem off on CPU) and truly asynchronous non_blocking copies.
+"""
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models_mae
+from conftest import run_script
+from engine_pretrain import compute_losses, train_one_epoch
+from util.checkpoint import CheckpointSaver, RunState
+from util.datasets import pretrain_transform
+from util.gpu_aug import PlanCrop, decode_augment, read_encoded
+
+
+def tiny(nb_classes=5):
+    torch.manual_seed(0)
+    return models_mae.MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                                           nb_classes=nb_classes, norm_pix_loss=True)
+
+
+def step_args(**kw):
+    base = dict(amp="fp16", mask_ratio=0.75, reg="tcr", lamb=0.1, uniformity_mu=1.0, centering=False,
+                accum_iter=1, accum_reg="exact", batch_size=8, print_freq=10**9, save_every_steps=0,
+                clip_grad=None, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, weight_decay=0.05)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def data(n_batches=1, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 5, (n,), generator=g))
+            for _ in range(n_batches)]
+
+
+def epoch(model, batches, optimizer, scaler, args):
+    run = RunState()
+    saver = CheckpointSaver(args, model, optimizer, scaler, run, torch.device("cpu"))
+    return train_one_epoch(model, model, batches, optimizer, scaler, torch.device("cpu"), 0, run, saver, args)
+
+
+# ---- fp16 with a GradScaler -------------------------------------------------------------------
+def test_fp16_gradients_are_unscaled_before_clipping(monkeypatch):
+    """The norm clip_grad_norm_ sees is the true gradient's, not 4096x it."""
+    model, batches = tiny(), data()
+    seen = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: seen.append(real_clip(params, float("inf"))) or seen[-1])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    torch.manual_seed(0)  # the mask the engine draws
+    epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), scaler, step_args(clip_grad=1.0))
+    ref = tiny()  # the same fp16 forward and backward, no scaler at all
+    torch.manual_seed(0)
+    noise = torch.rand(8, ref.patch_embed.num_patches)
+    loss, _, _ = compute_losses(ref, *batches[0], step_args(), noise)
+    loss.backward()
+    true_norm = torch.norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
+    assert scaler.get_scale() >= 2.0 ** 12  # no overflow: the scale stayed (or grew)
+    assert len(seen) == 1 and abs(seen[0].item() / true_norm.item() - 1) < 0.05, (seen, true_norm)
+
+
+def test_fp16_step_is_skipped_on_inf_gradients_and_the_scale_halves():
+    model, batches = tiny(), data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.blocks[0].attn.qkv.weight.register_hook(lambda g: g + float("inf"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    epoch(model, batches, optimizer, scaler, step_args())
+    assert scaler.get_scale() == 2.0 ** 9
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update at all
+    assert not optimizer.state  # the optimizer never stepped
+
+
+def test_fp16_online_head_gets_no_encoder_gradient_under_autocast():
+    model, ((samples, targets),) = tiny(), data()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(samples, 0.75)
+    assert out.logits.dtype == torch.float16  # the head runs under autocast
+    torch.nn.functional.cross_entropy(out.logits.float(), targets).backward()
+    assert model.online_head.weight.grad is not None and model.online_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("online_head"))
+
+
+def test_fp16_pretraining_with_accumulation_resumes_exactly(tmp_path, tiny_args):
+    """main_pretrain --amp fp16 --accum_iter 2 (exact regulariser): the scaler's state is
+    saved and restored, so a run stopped after epoch 0 ends bitwise equal to one in one go."""
+    common = [*tiny_args, "--amp", "fp16", "--accum_iter", "2", "--reg", "tcr", "--lamb", "0.1",
+              "--epochs", "2", "--save_every", "1", "--warmup_epochs", "0"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = run_script("main_pretrain.py", *common, "--output_dir", full)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = torch.load(full / "checkpoint-0.pth", weights_only=True)
+    assert first["scaler"]["scale"] > 0 and "_growth_tracker" in first["scaler"]
+    cut.mkdir()
+    (cut / "checkpoint-0.pth").write_bytes((full / "checkpoint-0.pth").read_bytes())
+    proc = run_script("main_pretrain.py", *common, "--output_dir", cut)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
+    a = torch.load(full / "checkpoint-1.pth", weights_only=True)
+    b = torch.load(cut / "checkpoint-1.pth", weights_only=True)
+    assert a["scaler"] == b["scaler"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ---- torch.compile ------------------------------------------------------------------------------
+@pytest.mark.parametrize("reg", ["uniformity", "tcr"])
+def test_compile_inductor_step_without_graph_breaks_matches_eager(reg):
+    """What main_pretrain --compile runs on CPU (inductor): the model's forward compiles
+    as one graph (fullgraph=True fails on any break) and gives eager's loss and gradients."""
+    model, ((samples, targets),) = tiny(), data()
+    args = step_args(amp="none", reg=reg)
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    noise = torch.rand(8, model.patch_embed.num_patches)
+    loss_c, _, _ = compute_losses(compiled, samples, targets, args, noise)
+    loss_c.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    loss_e, _, _ = compute_losses(model, samples, targets, args, noise)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compile_explain_finds_no_graph_break():
+    model, ((samples, _),) = tiny(), data()
+    explanation = torch._dynamo.explain(model)(samples, 0.75)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_compile_under_ddp_two_gloo_processes_gives_eager_gradients(tmp_path):
+    """torch.compile(DDP(model)) with the M-MAE regulariser (its gather inside the
+    compiled forward), 2 gloo processes: the DDP-averaged gradients of one step equal
+    eager DDP's."""
+    out = tmp_path / "res.json"
+    proc = run_script("tests/compile_ddp_worker.py", "tcr", out, torchrun=2, env={"MASTER_ADDR": "127.0.0.1"},
+                      timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert abs(res["loss_compiled"] - res["loss_eager"]) < 1e-5 * abs(res["loss_eager"]), res
+    assert res["n_grads"] > 10 and res["worst_rel"] < 1e-4, res
+
+
+def test_compile_main_pretrain_under_torchrun(tmp_path, tiny_args):
+    """main_pretrain --compile under torchrun with 2 processes and a regulariser trains to
+    the end (the launch path users run) and its first steps' loss is eager's."""
+    common = [*tiny_args, "--batch_size", "8", "--reg", "tcr", "--lamb", "0.1", "--print_freq", "1"]
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    proc_e = run_script("main_pretrain.py", *common, "--output_dir", eager, torchrun=2)
+    assert proc_e.returncode == 0, proc_e.stderr[-3000:]
+    proc_c = run_script("main_pretrain.py", *common, "--compile", "--output_dir", comp, torchrun=2, timeout=900)
+    assert proc_c.returncode == 0, proc_c.stderr[-3000:]
+    assert os.path.isfile(comp / "checkpoint-0.pth")
+
+    def first_loss(stdout):  # step 1's line: the loss of the untouched initial weights
+        line = next(line for line in stdout.splitlines() if "Epoch: [0] [1/" in line)
+        return float(line.split("  loss: ")[1].split()[0])
+    assert abs(first_loss(proc_c.stdout) - first_loss(proc_e.stdout)) < 1e-3 * first_loss(proc_e.stdout)
+
+
+# ---- --gpu_decode with the device set to CPU ---------------------------------------------------
+def odd_jpeg(tmp_path, mode):
+    rng = np.random.default_rng(1)
+    small = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((96, 72), Image.BICUBIC)
+    path = str(tmp_path / f"{mode}.jpg")
+    small.convert(mode).save(path, format="JPEG", quality=95)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_gpu_decode_grayscale_and_cmyk_jpegs_match_the_pil_path(tmp_path, mode):
+    path = odd_jpeg(tmp_path, mode)
+    with Image.open(path) as im:
+        assert im.mode == mode
+    pil_tf = pretrain_transform(32)
+    for seed in range(3):  # the same seed draws the same box and flip in both paths
+        torch.manual_seed(seed)
+        with Image.open(path) as im:
+            want = pil_tf(im.convert("RGB"))
+        torch.manual_seed(seed)
+        data_, params = PlanCrop()(read_encoded(path))
+        got = decode_augment([data_], params[None], 32, "cpu")[0]
+        assert got.shape == want.shape == (3, 32, 32)
+        diff = (got - want).abs() * 0.226 * 255  # in levels of 255
+        assert diff.mean() < 2.0 and diff.max() < 40, (mode, seed, diff.mean(), diff.max())
+
+
+def test_gpu_decode_crop_boxes_follow_torchvisions_distribution():
+    """PlanCrop draws with RandomResizedCrop's own get_params: over many draws the box
+    areas and aspect ratios have torchvision's distribution."""
+    from torchvision import transforms
+    img = torch.zeros(3, 375, 500, dtype=torch.uint8)
+    plan = PlanCrop()
+    torch.manual_seed(0)
+    ours = np.array([plan((img, 375, 500))[1][2:4].tolist() for _ in range(4000)], dtype=float)
+    rrc = transforms.RandomResizedCrop(224, scale=(0.2, 1.0))
+    torch.manual_seed(1)
+    ref = np.array([rrc.get_params(img, rrc.scale, rrc.ratio)[2:4] for _ in range(4000)], dtype=float)
+    for stat in (lambda b: b[:, 0] * b[:, 1] / (375 * 500), lambda b: b[:, 1] / b[:, 0]):
+        a, r = stat(ours), stat(ref)
+        assert abs(a.mean() - r.mean()) < 0.02 and abs(np.median(a) - np.median(r)) < 0.03
+
+
+def test_gpu_decode_device_loader_runs_the_training_step(tmp_path, tiny_args):
+    """main_pretrain --gpu_decode --device cpu with the regulariser and fp16 autocast."""
+    from test_pretrain import make_jpeg_folder
+    make_jpeg_folder(tmp_path / "data")
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", tmp_path / "data", "--batch_size", "4",
+                      "--gpu_decode", "--amp", "fp16", "--reg", "uniformity", "--lamb", "0.1",
+                      "--output_dir", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "out" / "checkpoint-0.pth")
+
+
+# ---- CUDA only: run by benchmarks/gpu_acceptance.py on the GPU machine ------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_gpu_decode_nvjpeg_matches_the_cpu_decode(tmp_path):
+    path = odd_jpeg(tmp_path, "RGB")
+    torch.manual_seed(0)
+    data_, params = PlanCrop()(read_encoded(path))
+    cpu = decode_augment([data_], params[None], 32, "cpu")[0]
+    gpu = decode_augment([data_], params[None], 32, "cuda")[0].cpu()
+    diff = (gpu - cpu).abs() * 0.226 * 255
+    assert diff.mean() < 1.5 and diff.max() < 30, (diff.mean(), diff.max())
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_training_epoch_with_exact_accumulation(amp):
+    device = torch.device("cuda")
+    model = tiny().to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in data(n_batches=4)]
+    args = step_args(amp=amp, accum_iter=2, clip_grad=1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    run = RunState()
+    saver = CheckpointSaver(args, model, optimizer, scaler, run, device)
+    stats = train_one_epoch(model, model, batches, optimizer, scaler, device, 0, run, saver, args)
+    assert np.isfinite(stats["loss"]) and optimizer.state
