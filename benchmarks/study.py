@@ -309,6 +309,9 @@ def report(args):
             if s == "mae":
                 continue
             notes = []
+            if min(len(rows), len(by_setting["mae"])) < 2:
+                lines.append(f"- {s}: fewer than 2 seeds on one side, no spread to compare with yet")
+                continue
             for key, label, digits in METRICS[:9]:
                 a, b = summarise(rows, key), summarise(by_setting["mae"], key)
                 if a is None or b is None:
@@ -343,9 +346,12 @@ def plot(args, by_setting):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (s, rows) in enumerate(by_setting.items()):
         for j, r in enumerate(rows):
-            sv = [max(v, 1e-6) for v in r["singular_values_cls"]]
+            # the last one is ~0 for every model: the features leave the encoder's LayerNorm,
+            # whose normalised output sums to zero, so they span at most d - 1 dimensions
+            sv = [v for v in r["singular_values_cls"] if v > 1e-4 * r["singular_values_cls"][0]]
             ax1.semilogy(sv, color=colors[i % len(colors)], alpha=0.8, label=s if j == 0 else None)
-    ax1.set(title="singular values of cls features (val, centred)", xlabel="index", ylabel="singular value")
+    ax1.set(title="singular values of cls features (5,000 val images, centred)", xlabel="index",
+            ylabel="singular value")
     ax1.legend(fontsize=8)
     names = list(by_setting)
     for k, (key, label) in enumerate([("linear_cls", "fast linear cls"), ("knn_cls", "kNN cls")]):
@@ -373,16 +379,17 @@ def recon_grid(args, results):
     for name, label in picks:
         path = os.path.join(args.out_dir, "recon", f"{name}.png")
         if os.path.isfile(path):
-            tiles.append((Image.open(path).convert("RGB"), label))
+            tile = Image.open(path).convert("RGB")
+            tiles.append((tile.resize((tile.width * 3, tile.height * 3), Image.NEAREST), label))  # 64 px images
     if not tiles:
         return
-    w, h = sum(t.width for t, _ in tiles) + 10 * (len(tiles) - 1), max(t.height for t, _ in tiles) + 20
+    w, h = sum(t.width for t, _ in tiles) + 20 * (len(tiles) - 1), max(t.height for t, _ in tiles) + 20
     canvas = Image.new("RGB", (w, h), "white")
     draw, x = ImageDraw.Draw(canvas), 0
     for t, label in tiles:
         canvas.paste(t, (x, 20))
         draw.text((x + 2, 4), label + ": original | masked | reconstruction | + visible", fill="black")
-        x += t.width + 10
+        x += t.width + 20
     path = os.path.join(args.out_dir, "reconstructions.png")
     canvas.save(path)
     print(f"written {path}")
