@@ -10,6 +10,8 @@ import json
 import os
 from types import SimpleNamespace
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,8 @@ from engine_pretrain import compute_losses, train_one_epoch
 from util.checkpoint import CheckpointSaver, RunState
 from util.datasets import pretrain_transform
 from util.gpu_aug import PlanCrop, decode_augment, read_encoded
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
 def tiny(nb_classes=5):
@@ -113,13 +117,19 @@ def test_fp16_pretraining_with_accumulation_resumes_exactly(tmp_path, tiny_args)
 
 
 # ---- torch.compile ------------------------------------------------------------------------------
-@pytest.mark.parametrize("reg", ["uniformity", "tcr"])
-def test_compile_inductor_step_without_graph_breaks_matches_eager(reg):
+@pytest.mark.parametrize("reg,backend,cpu_tune", [("uniformity", "inductor", False), ("tcr", "inductor", False),
+                                                  ("tcr", "aot_eager", True)])
+def test_compile_step_without_graph_breaks_matches_eager(reg, backend, cpu_tune):
     """What main_pretrain --compile runs on CPU (inductor): the model's forward compiles
-    as one graph (fullgraph=True fails on any break) and gives eager's loss and gradients."""
+    as one graph (fullgraph=True fails on any break) and gives eager's loss and gradients.
+    cpu_tune: the benchmarks' oneDNN linear custom ops (benchmarks/cpu_speed.py, an
+    experiment outside the product) stay in the graph too (aot_eager: seconds)."""
     model, ((samples, targets),) = tiny(), data()
+    if cpu_tune:
+        from cpu_speed import tune_for_cpu
+        tune_for_cpu(model, "none")
     args = step_args(amp="none", reg=reg)
-    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     noise = torch.rand(8, model.patch_embed.num_patches)
     loss_c, _, _ = compute_losses(compiled, samples, targets, args, noise)
     loss_c.backward()
@@ -229,7 +239,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_gpu_decode_nvjpeg_matches_the_cpu_decode(tmp_path):
+def test_cuda_nvjpeg_decode_matches_the_cpu_decode(tmp_path):
     path = odd_jpeg(tmp_path, "RGB")
     torch.manual_seed(0)
     data_, params = PlanCrop()(read_encoded(path))
@@ -241,7 +251,7 @@ def test_cuda_gpu_decode_nvjpeg_matches_the_cpu_decode(tmp_path):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("amp", ["bf16", "fp16"], ids=["bfloat16", "float16"])  # CPU-side -k selections skip these
 def test_cuda_training_epoch_with_exact_accumulation(amp):
     device = torch.device("cuda")
     model = tiny().to(device)

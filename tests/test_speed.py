@@ -172,30 +172,6 @@ def test_published_regularizers_equal_ours():
     torch.testing.assert_close(ps.published_regularizer(f, "tcr", 3.0), uniformity_loss_TCR(f, 3.0))
 
 
-@pytest.mark.parametrize("backend,cpu_tune", [("aot_eager", False), ("aot_eager", True)])
-def test_compile_gives_the_eager_loss_and_gradients(backend, cpu_tune):
-    # aot_eager: dynamo + AOTAutograd as inductor sees them, in seconds; with cpu_tune the
-    # benchmarks' oneDNN linear custom ops stay in the graph. Inductor itself (what
-    # main_pretrain --compile runs): tests/test_gpu_path.py.
-    model = tiny_mae()
-    if cpu_tune:  # the oneDNN linear custom ops stay in the graph (fullgraph)
-        tune_for_cpu(model, "none")
-    compiled = torch.compile(model, backend=backend, fullgraph=True)  # fullgraph: no graph breaks
-    samples, targets = batch()
-    noise = torch.rand(8, model.patch_embed.num_patches)
-    args = ps.our_args(cli(), "mmae")
-    loss_c, _, _ = compute_losses(compiled, samples, targets, args, noise)
-    loss_c.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    loss_e, _, _ = compute_losses(model, samples, targets, args, noise)
-    loss_e.backward()
-    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-
-
 # ---- FLOPs model ---------------------------------------------------------------------
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.5])
 def test_flops_model_equals_torch_flop_counter(mask_ratio):
