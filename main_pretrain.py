@@ -20,8 +20,8 @@ from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler
 from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
-from util.datasets import (build_dataset, check_nb_classes, eval_loader, eval_transform,
-                           pretrain_transform, train_loader)
+from util.datasets import (build_dataset, build_train_set, check_nb_classes, eval_loader, eval_transform,
+                           on_device, pretrain_transform, train_loader)
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError, exit_on_user_error
 from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_encoded
@@ -96,13 +96,14 @@ def build_model(args):
 
 
 def build_train_loader(args, device):
-    """MAE's augmentation either all in the DataLoader workers (PIL) or, with
-    --gpu_decode, split: file reads and crop boxes in the workers, decode + crop +
-    resize + flip + normalise on the device (util/gpu_aug.py, same semantics)."""
+    """MAE's augmentation in the DataLoader workers (by default util/jpeg.py's fast decode
+    + crop, normalised on the device; --fast_decode false: all PIL) or, with --gpu_decode,
+    split: file reads and crop boxes in the workers, decode + crop + resize + flip +
+    normalise on the device (util/gpu_aug.py, same semantics)."""
     if not args.gpu_decode:
-        dataset = build_dataset(args, "train", pretrain_transform(args.input_size))
+        dataset, normalize = build_train_set(args, pretrain_transform(args.input_size))
         check_nb_classes(args, dataset)
-        return train_loader(dataset, args, seed=args.seed)
+        return on_device(train_loader(dataset, args, seed=args.seed), normalize, device)
     if args.data_path is None or args.dataset not in (None, "imagefolder"):
         raise UserError("--gpu_decode needs an ImageFolder --data_path (it decodes the image files)")
     dataset = build_dataset(args, "train", PlanCrop(), loader=read_encoded)

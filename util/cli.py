@@ -53,6 +53,9 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     g.add_argument("--nb_classes", default=None, type=int,
                    help="number of classes (default: from the dataset; checked against it)")
     g.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int)
+    add_bool(g, "--fast_decode", True, "training images from files: libjpeg-turbo decode with the crop "
+             "box drawn first, one vectorised resize, uint8 batches normalised on the device "
+             "(util/jpeg.py); false = the plain PIL path")
     add_bool(g, "--pin_mem", True, "pin CPU memory in the DataLoader")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
 
@@ -94,6 +97,7 @@ def check_common_args(args):
         raise UserError("--keep_last must be >= 1 and --nan_retries >= 0")
     if args.num_workers < 0:
         raise UserError("--num_workers must be >= 0")
+    check_output_dir(args.output_dir)
     if args.data_path is not None and not os.path.isdir(args.data_path):
         raise UserError(f"data_path {args.data_path} does not exist or is not a folder")
     if args.resume and not os.path.isfile(args.resume):
@@ -105,6 +109,17 @@ def check_common_args(args):
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
     if args.log_dir is None:
         args.log_dir = args.output_dir
+
+
+def check_output_dir(path):
+    """output_dir (or the nearest of its parents that exists) must be a folder, else
+    creating it later fails with a traceback after the model was built."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == os.path.abspath(path) else f" ({existing} is a file)"
+        raise UserError(f"--output_dir {path} is not a folder{where}; choose another --output_dir")
 
 
 def seed_everything(seed):

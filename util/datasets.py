@@ -18,6 +18,7 @@ from torchvision.transforms import functional as F
 
 from util.dist import get_rank, get_world_size
 from util.errors import UserError
+from util.jpeg import DecodeCrop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -149,10 +150,14 @@ class SyntheticImages(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
+def source_kind(args):
+    return args.dataset or ("synthetic" if args.data_path is None else "imagefolder")
+
+
 def build_dataset(args, split, transform, loader=None):
     """split: 'train' or 'val'. Chooses the source from args.dataset / args.data_path.
     `loader` replaces the ImageFolder's file loader (util.gpu_aug.read_encoded)."""
-    kind = args.dataset or ("synthetic" if args.data_path is None else "imagefolder")
+    kind = source_kind(args)
     if kind == "synthetic":
         n = args.synthetic_size if split == "train" else max(args.synthetic_size // 4, 1)
         return SyntheticImages(n, args.nb_classes or 10, args.input_size, split, args.seed, transform)
@@ -174,6 +179,26 @@ def build_dataset(args, split, transform, loader=None):
         return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
         raise UserError(f"{root}: {e}") from None
+
+
+def build_train_set(args, transform):
+    """The training set for `transform`, a Compose whose first step is a random resized crop.
+
+    With --fast_decode (the default) and image files, that crop moves into the file loader
+    (util.jpeg.DecodeCrop: libjpeg-turbo, box first, one vectorised resize), and when only
+    flips stand between it and a closing ToTensor + Normalize, those two are left to the
+    device: the workers send uint8 batches, 4x smaller. Returns (dataset, normalize):
+    normalize is (mean, std) for on_device, or None when the batches are already final."""
+    crop, *rest = transform.transforms
+    if not (args.fast_decode and source_kind(args) == "imagefolder" and DecodeCrop.supports(crop)):
+        return build_dataset(args, "train", transform), None
+    normalize = None
+    if len(rest) >= 2 and isinstance(rest[-2], transforms.ToTensor) \
+            and isinstance(rest[-1], transforms.Normalize) \
+            and all(isinstance(t, transforms.RandomHorizontalFlip) for t in rest[:-2]):
+        normalize, rest = (rest[-1].mean, rest[-1].std), rest[:-2]
+    loader = DecodeCrop(crop, pil=normalize is None)
+    return build_dataset(args, "train", transforms.Compose(rest), loader=loader), normalize
 
 
 def num_classes_of(dataset):
@@ -217,6 +242,30 @@ def train_loader(dataset, args, seed, collate_fn=None):
         raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "
                         f"({args.batch_size} x {get_world_size()} ranks)")
     return loader
+
+
+class NormalizeOnDevice:
+    """Wraps a loader of uint8 image batches: yields (float32 batch on `device`, normalised
+    with mean/std as ToTensor + Normalize would, targets). Keeps the wrapped loader's
+    sampler and length (set_epoch, mid-epoch resume)."""
+
+    def __init__(self, loader, device, mean, std):
+        self.loader, self.device, self.sampler = loader, torch.device(device), loader.sampler
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, targets in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield (images.float() - self.mean) / self.std, targets
+
+
+def on_device(loader, normalize, device):
+    """The loader as build_train_set's `normalize` asks: unchanged, or NormalizeOnDevice."""
+    return loader if normalize is None else NormalizeOnDevice(loader, device, *normalize)
 
 
 def eval_loader(dataset, args, batch_size=None):

@@ -1,0 +1,328 @@
+"""The fast training-image path (util/jpeg.py, the default --fast_decode): the same crop
+boxes as torchvision's RandomResizedCrop, pixels close to the plain PIL path, odd files."""
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import functional as F
+
+from conftest import assert_one_line_error, run_script
+from util.datasets import EpochSeeded, checked_loader
+from util.errors import UserError
+from util.jpeg import DecodeCrop, EncodedImage, dct_scale
+
+BICUBIC = transforms.InterpolationMode.BICUBIC
+
+
+def photo(width, height, seed=0):
+    """A photo-like RGB image: smooth colour fields from coarse to fine, plus grain."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 127.5)
+    for cells, amp in ((3, 0.8), (12, 0.4), (max(width // 8, 2), 0.25)):
+        small = Image.fromarray(rng.integers(0, 255, (cells, cells, 3), dtype=np.uint8))
+        img += (np.asarray(small.resize((width, height), Image.BICUBIC), dtype=float) - 127.5) * amp
+    img += rng.normal(0, 4, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def save(img, path, **kw):
+    img.save(path, **({"format": "JPEG", "quality": 95} | kw))
+    return str(path)
+
+
+def plain(crop, path, seed):
+    """The plain path's crop of `path` (PIL decode, RandomResizedCrop) as uint8 (3, H, W)."""
+    torch.manual_seed(seed)
+    return F.pil_to_tensor(crop(checked_loader(path))).int()
+
+
+def fast(crop, path, seed):
+    torch.manual_seed(seed)
+    return DecodeCrop(crop)(path).int()
+
+
+# ---- crop boxes ---------------------------------------------------------------------
+def ramp_jpeg(path, width=512, height=384):
+    """R grows with x and G with y (0..255), so a crop's pixels tell where it was taken."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    rgb = np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8)
+    return save(Image.fromarray(rgb), path, subsampling=0)
+
+
+def box_of(out, width, height):
+    """(centre x, centre y, width, height) of the box a crop came from, in source pixels,
+    and whether it was flipped, from a ramp_jpeg crop; away from the borders, where the
+    resampling filter is cut off, the crop of a ramp is a ramp."""
+    r, g = out[0].double().mean(0), out[1].double().mean(1)
+    cols = torch.arange(3, len(r) - 3, dtype=torch.float64)
+
+    def line(v, n_src):  # source coordinate per output pixel: slope and centre
+        slope = torch.linalg.lstsq(torch.stack([cols, torch.ones_like(cols)], 1), v[3:-3, None]).solution
+        a, b = slope[0, 0] * (n_src - 1) / 255, slope[1, 0] * (n_src - 1) / 255
+        return a, a * (len(v) - 1) / 2 + b
+
+    ax, cx = line(r, width)
+    ay, cy = line(g, height)
+    return cx.item(), cy.item(), abs(ax.item()) * len(r), ay.item() * len(g), ax.item() < 0
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+
+
+@pytest.mark.parametrize("width,height,size", [(256, 192, 112), (512, 384, 48)])  # 48: all at 1/2..1/8
+def test_crop_boxes_follow_torchvisions_distribution(tmp_path, width, height, size):
+    """Boxes of the fast path (seeds 0..n-1) against torchvision's RandomResizedCrop on the
+    decoded image (other seeds): area, aspect ratio, position and flips, measured from the
+    pixels of both outputs the same way."""
+    path = ramp_jpeg(tmp_path / "ramp.jpg", width, height)
+    crop = transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=BICUBIC)
+    flip = transforms.RandomHorizontalFlip()
+    decoded, n = checked_loader(path), 500
+    ours, theirs = [], []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        ours.append(box_of(flip(DecodeCrop(crop)(path)), width, height))
+        torch.manual_seed(n + seed)
+        theirs.append(box_of(F.pil_to_tensor(flip(crop(decoded))), width, height))
+    ours, theirs = np.array(ours), np.array(theirs)
+    features = {"area": lambda b: b[:, 2] * b[:, 3] / (width * height), "log aspect": lambda b: np.log(b[:, 2] / b[:, 3]),
+                "centre x": lambda b: b[:, 0], "centre y": lambda b: b[:, 1]}
+    limit = 1.95 * math.sqrt(2 / n)  # KS critical value at alpha 0.001 (fixed seeds: deterministic)
+    for name, feature in features.items():
+        assert ks_distance(feature(ours), feature(theirs)) < limit, name
+    assert abs(ours[:, 4].mean() - 0.5) < 0.08 and abs(theirs[:, 4].mean() - 0.5) < 0.08
+    # the estimate itself: both paths cover the whole image at scale 1 and ratio 4/3
+    torch.manual_seed(0)
+    whole = transforms.RandomResizedCrop(size, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), interpolation=BICUBIC)
+    cx, cy, w, h, _ = box_of(DecodeCrop(whole)(path), width, height)
+    assert abs(cx - (width - 1) / 2) < 3 and abs(cy - (height - 1) / 2) < 3
+    assert abs(w - width) < 8 and abs(h - height) < 8
+
+
+def test_same_seed_same_box_as_the_plain_path(tmp_path):
+    """Under one seed (EpochSeeded's) both paths draw the same box and the same flip."""
+    path = save(photo(200, 150), tmp_path / "a.jpg")
+    crop = transforms.RandomResizedCrop(64, scale=(0.2, 1.0), interpolation=BICUBIC)
+    boxes = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        boxes.append(crop.get_params(Image.open(path), crop.scale, crop.ratio))
+    seen = []
+
+    class Spy(transforms.RandomResizedCrop):
+        @staticmethod
+        def get_params(img, scale, ratio):
+            seen.append(transforms.RandomResizedCrop.get_params(img, scale, ratio))
+            return seen[-1]
+
+    for seed in range(20):
+        torch.manual_seed(seed)
+        DecodeCrop(Spy(64, scale=(0.2, 1.0), interpolation=BICUBIC))(path)
+    assert seen == boxes and len(set(boxes)) > 15
+
+
+# ---- pixels -------------------------------------------------------------------------
+def test_full_scale_output_matches_the_plain_path(tmp_path):
+    """Boxes smaller than twice the output are decoded at full size: then the only
+    difference is torch's vectorised bicubic against PIL's, at most 2 levels of 255."""
+    path = save(photo(200, 150), tmp_path / "a.jpg")
+    crop = transforms.RandomResizedCrop(96, scale=(0.2, 1.0), interpolation=BICUBIC)
+    for seed in range(20):
+        want, got = plain(crop, path, seed), fast(crop, path, seed)
+        assert got.shape == want.shape == (3, 96, 96)
+        diff = (got - want).abs().float()
+        assert diff.max() <= 2 and diff.mean() < 0.05, (seed, diff.max(), diff.mean())
+
+
+def test_dct_scale_only_when_the_box_keeps_the_output_size():
+    assert dct_scale(447, 600, 224, 224) == 1
+    assert dct_scale(448, 448, 224, 224) == 2
+    assert dct_scale(895, 1000, 224, 224) == 2 and dct_scale(896, 896, 224, 224) == 4
+    assert dct_scale(1792, 1792, 224, 224) == 8 and dct_scale(6000, 6000, 224, 224) == 8
+    assert dct_scale(500, 300, 224, 224) == 1 and dct_scale(300, 399, 100, 200) == 1
+    assert dct_scale(300, 400, 100, 200) == 2  # (height, width) of box and output
+
+
+def test_reduced_decode_is_close_to_the_full_decode(tmp_path, monkeypatch):
+    """A box of at least 2x the output is decoded at 1/2 (1/4, 1/8) scale: never below the
+    output size, and within 4 levels of 255 on average of the full decode resized with
+    PIL's bicubic over the same box (rounded outwards to the reduced pixel grid)."""
+    path = save(photo(800, 640), tmp_path / "big.jpg")
+    crop = transforms.RandomResizedCrop(112, scale=(0.2, 1.0), interpolation=BICUBIC)
+    decoded, full = [], checked_loader(path)
+    real_decode = EncodedImage.decode
+
+    def recorded_decode(self, s):
+        decoded.append(real_decode(self, s))
+        return decoded[-1]
+
+    monkeypatch.setattr(EncodedImage, "decode", recorded_decode)
+    scales = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        top, left, h, w = crop.get_params(full, crop.scale, crop.ratio)
+        s = dct_scale(h, w, 112, 112)
+        got = fast(crop, path, seed)
+        pixels, used = decoded[-1]
+        assert used == s and pixels.shape == (math.ceil(640 / s), math.ceil(800 / s), 3)
+        assert math.ceil((top + h) / s) - top // s >= 112 and math.ceil((left + w) / s) - left // s >= 112
+        box = (s * (left // s), s * (top // s), min(s * math.ceil((left + w) / s), 800),
+               min(s * math.ceil((top + h) / s), 640))
+        want = F.pil_to_tensor(full.crop(box).resize((112, 112), Image.BICUBIC)).int()
+        assert (got - want).abs().float().mean() < 4, (seed, s)
+        scales.add(s)
+    assert scales == {2, 4}
+
+
+# ---- odd files ----------------------------------------------------------------------
+def test_grayscale_cmyk_and_png_named_jpeg(tmp_path):
+    """As the plain path, which converts to RGB first: grey gives three equal channels."""
+    img = photo(120, 90)
+    paths = {"grey": save(img.convert("L"), tmp_path / "grey.JPEG"),
+             "cmyk": save(img.convert("CMYK"), tmp_path / "cmyk.JPEG"),
+             "png": str(tmp_path / "png.JPEG")}
+    img.save(paths["png"], format="PNG")
+    assert Image.open(paths["cmyk"]).mode == "CMYK" and Image.open(paths["png"]).format == "PNG"
+    crop = transforms.RandomResizedCrop(48, scale=(0.2, 1.0), interpolation=BICUBIC)
+    for name, path in paths.items():
+        for seed in range(5):
+            want, got = plain(crop, path, seed), fast(crop, path, seed)
+            assert got.shape == (3, 48, 48)
+            assert (got - want).abs().max() <= 2, name
+        if name == "grey":
+            assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage", "empty"])
+def test_a_bad_file_is_named(tmp_path, content):
+    path = tmp_path / "bad.JPEG"
+    raw = open(save(photo(120, 90), tmp_path / "good.jpg"), "rb").read()
+    path.write_bytes({"truncated": raw[:len(raw) // 2], "garbage": b"not an image", "empty": b""}[content])
+    crop = transforms.RandomResizedCrop(32, interpolation=BICUBIC)
+    with pytest.raises(UserError, match=r"cannot read image .*bad\.JPEG"):
+        DecodeCrop(crop)(str(path))
+    with pytest.raises(UserError, match=r"cannot read image .*bad\.JPEG"):
+        checked_loader(str(path))  # the plain path refuses the same files
+
+
+def test_pil_output_for_timm_transforms(tmp_path):
+    path = save(photo(120, 90), tmp_path / "a.jpg")
+    crop = transforms.RandomResizedCrop(40, interpolation=BICUBIC)
+    torch.manual_seed(0)
+    img = DecodeCrop(crop, pil=True)(path)
+    assert img.mode == "RGB" and img.size == (40, 40)
+    assert torch.equal(F.pil_to_tensor(img), fast(crop, path, 0).to(torch.uint8))
+    with pytest.raises(ValueError):
+        DecodeCrop(transforms.RandomResizedCrop(40, interpolation=transforms.InterpolationMode.NEAREST))
+
+
+# ---- loaders of the three entry points ------------------------------------------------
+def jpeg_folder(root, per_class=4, size=(60, 45)):
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            os.makedirs(root / split / cls, exist_ok=True)
+            for i in range(per_class):
+                save(photo(*size, seed=10 * c + i), root / split / cls / f"{i}.JPEG")
+    img = photo(*size, seed=99)  # the odd files of real data sets
+    save(img.convert("L"), root / "train" / "a" / "grey.JPEG")
+    save(img.convert("CMYK"), root / "train" / "b" / "cmyk.JPEG")
+    img.save(root / "train" / "b" / "png.JPEG", format="PNG")
+    return str(root)
+
+
+def assert_close_batches(fast_loader, plain_loader, mean, worst=None, epochs=(0, 2)):
+    assert len(fast_loader) == len(plain_loader) > 0
+    for epoch in epochs:
+        fast_loader.sampler.set_epoch(epoch)
+        plain_loader.sampler.set_epoch(epoch)
+        for (got, t_got), (want, t_want) in zip(fast_loader, plain_loader):
+            assert torch.equal(t_got, t_want)  # same order and labels
+            assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+            diff = (got - want).abs() * 0.226 * 255  # in levels of 255
+            assert diff.mean() < mean, (epoch, diff.mean())
+            if worst is not None:
+                assert diff.max() < worst, (epoch, diff.max())
+
+
+def test_pretrain_loader_default_is_fast_and_matches_the_plain_one(tmp_path, tiny_args):
+    from main_pretrain import build_train_loader, get_args_parser
+    args = get_args_parser().parse_args(tiny_args + ["--data_path", jpeg_folder(tmp_path), "--batch_size", "4"])
+    assert args.fast_decode
+    fast_loader = build_train_loader(args, torch.device("cpu"))
+    assert isinstance(fast_loader.loader.dataset.dataset.loader, DecodeCrop)
+    args.fast_decode, args.nb_classes = False, None
+    plain_loader = build_train_loader(args, torch.device("cpu"))
+    assert isinstance(plain_loader.dataset.dataset.transform, transforms.Compose)
+    assert next(iter(fast_loader.loader))[0].dtype == torch.uint8  # the workers send uint8
+    assert_close_batches(fast_loader, plain_loader, mean=0.05, worst=3)
+
+
+def test_synthetic_data_keeps_the_plain_path(tiny_args):
+    from main_pretrain import build_train_loader, get_args_parser
+    args = get_args_parser().parse_args(tiny_args)
+    loader = build_train_loader(args, torch.device("cpu"))
+    assert isinstance(loader, torch.utils.data.DataLoader)
+
+
+def test_linprobe_and_finetune_loaders(tmp_path):
+    from eval_setup import build_data, linprobe_transform
+    from main_finetune import get_args_parser, train_transform
+    data = jpeg_folder(tmp_path)
+    args = get_args_parser().parse_args(["--data_path", data, "--input_size", "32", "--batch_size", "4",
+                                         "--num_workers", "0", "--output_dir", str(tmp_path / "o")])
+    for make, mean in ((lambda a: linprobe_transform(a.input_size), 0.05), (train_transform, 0.2)):
+        args.fast_decode, args.nb_classes = True, None
+        fast_data = build_data(args, make(args))
+        assert isinstance(fast_data.train.loader, DecodeCrop)
+        args.fast_decode, args.nb_classes = False, None
+        plain_data = build_data(args, make(args))
+        # fine-tuning: RandAugment and RandomErasing draw the same ops from the same seed,
+        # on images 2 levels apart at most; a few thresholded ops amplify that locally
+        assert_close_batches(fast_data.train_loader, plain_data.train_loader, mean=mean)
+
+
+def test_pretraining_on_files_resumes_exactly(tmp_path, tiny_args):
+    data = jpeg_folder(tmp_path / "data")
+    common = tiny_args + ["--data_path", data, "--batch_size", "4", "--epochs", "2", "--save_every", "1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = run_script("main_pretrain.py", *common, "--output_dir", full)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cut.mkdir()
+    shutil.copy(full / "checkpoint-0.pth", cut / "checkpoint-0.pth")
+    proc = run_script("main_pretrain.py", *common, "--output_dir", cut)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = torch.load(full / "checkpoint-1.pth", weights_only=True)["model"]
+    b = torch.load(cut / "checkpoint-1.pth", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_corrupt_training_file_is_one_line(tmp_path, tiny_args):
+    data = jpeg_folder(tmp_path / "data")
+    bad = tmp_path / "data" / "train" / "a" / "3.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", data, "--batch_size", "4",
+                      "--num_workers", "1", "--output_dir", tmp_path / "out")  # raised in a worker
+    assert_one_line_error(proc, "cannot read image", "3.JPEG")
+
+
+def test_epoch_seeded_fast_samples_do_not_depend_on_the_order(tmp_path):
+    """Each sample's crop comes from its own (seed, epoch, index) generator."""
+    from util.datasets import SubsetImageFolder
+    root = jpeg_folder(tmp_path)
+    crop = transforms.RandomResizedCrop(24, interpolation=BICUBIC)
+    ds = EpochSeeded(SubsetImageFolder(os.path.join(root, "train"), transforms.RandomHorizontalFlip(),
+                                       loader=DecodeCrop(crop)), seed=3)
+    first = [ds[(1, i)][0] for i in range(len(ds.dataset))]
+    again = [ds[(1, i)][0] for i in reversed(range(len(ds.dataset)))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(ds[(1, 0)][0], ds[(2, 0)][0])

@@ -1,0 +1,117 @@
+"""Training images decoded and cropped fast: the default loader of every entry point
+(--fast_decode; false gives the plain PIL path of util.datasets.checked_loader).
+
+The plain path decodes the whole JPEG with PIL, then torchvision's RandomResizedCrop crops
+and resizes it with PIL's bicubic filter, whose cost is about that of the decode itself
+(benchmarks/data_speed.py, RESULTS.md "Input pipeline"). DecodeCrop does the same work in
+this order, per file:
+
+1. read the JPEG header (libjpeg-turbo through simplejpeg) and draw the crop box with the
+   crop transform's own get_params: the same RNG calls as the plain path, so under
+   util.datasets.EpochSeeded a sample gets the same box in both paths;
+2. decode with libjpeg-turbo, at 1/2, 1/4 or 1/8 DCT scale only when the box still has
+   at least the output's size at that scale (a reduced decode is never upsampled);
+3. resize the box with torch's uint8 antialiased bicubic (or bilinear) kernel, which
+   implements PIL's filter in vectorised fixed point (within 1 level of 255 of PIL's).
+
+Files that are not JPEGs libjpeg-turbo can turn into RGB or grey (PNG saved as .JPEG,
+CMYK, ...) or that it rejects are decoded by PIL and converted to RGB, as the plain path.
+"""
+import io
+import math
+
+import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as Fn
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+from util.errors import UserError
+
+RESIZE_MODES = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
+# libjpeg-turbo colour spaces it converts to RGB itself; grey stays one channel until the end
+TURBO_OUTPUT = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "GRAY"}
+
+
+def dct_scale(box_h, box_w, out_h, out_w):
+    """Largest libjpeg scale-down (1, 2, 4 or 8) at which the box still has at least the
+    output's height and width, so that the resize after it only ever shrinks."""
+    s = 1
+    while s < 8 and box_h >= 2 * s * out_h and box_w >= 2 * s * out_w:
+        s *= 2
+    return s
+
+
+class EncodedImage:
+    """One file's bytes and header: size, and how it will be decoded."""
+
+    def __init__(self, path):
+        with open(path, "rb") as f:
+            self.raw = raw = f.read()
+        try:
+            self.height, self.width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
+            self.turbo = TURBO_OUTPUT.get(colorspace)  # None: CMYK/YCCK go to PIL
+        except ValueError:  # not a JPEG (a PNG with a .JPEG name), or a broken header
+            self.turbo = None
+        if self.turbo is None:
+            self.pil = Image.open(io.BytesIO(raw))  # reads the header only
+            self.width, self.height = self.pil.size
+
+    def decode(self, scale):
+        """(pixels, scale): (H, W, C) uint8, RGB or (from libjpeg-turbo) one grey channel,
+        at 1/scale of the full size (rounded up); PIL always decodes at full size (scale 1)."""
+        if self.turbo is not None:
+            try:
+                return simplejpeg.decode_jpeg(self.raw, colorspace=self.turbo,
+                                              min_height=math.ceil(self.height / scale),
+                                              min_width=math.ceil(self.width / scale)), scale
+            except ValueError:  # libjpeg-turbo's warnings are errors here: PIL decides, as
+                self.pil = Image.open(io.BytesIO(self.raw))  # in the plain path
+        return np.array(self.pil.convert("RGB")), 1  # a writable copy, for torch
+
+
+class DecodeCrop:
+    """ImageFolder loader that does a random resized crop while decoding.
+
+    `crop` is the plain path's crop transform (torchvision RandomResizedCrop,
+    util.datasets.MAERandomResizedCrop, timm's RandomResizedCropAndInterpolation): its
+    get_params, size and interpolation are used. Returns a uint8 (3, H, W) tensor, or with
+    pil=True an RGB PIL image for PIL transforms that follow (timm's RandAugment)."""
+
+    def __init__(self, crop, pil=False):
+        if not self.supports(crop):
+            raise ValueError(f"DecodeCrop cannot stand for {crop}")
+        self.crop, self.pil = crop, pil
+        size = crop.size
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.mode = RESIZE_MODES[crop.interpolation]
+
+    @staticmethod
+    def supports(crop):
+        return all(hasattr(crop, a) for a in ("get_params", "scale", "ratio", "size")) \
+            and getattr(crop, "interpolation", None) in RESIZE_MODES
+
+    def __call__(self, path):
+        image = self.read(path, EncodedImage, path)
+        top, left, h, w = self.crop.get_params(torch.empty(0, image.height, image.width),
+                                               self.crop.scale, self.crop.ratio)
+        s = dct_scale(h, w, *self.size) if image.turbo else 1
+        pixels, s = self.read(path, image.decode, s)
+        # (1, C, H, W) with channels-last strides: the layout of torch's vectorised uint8 resize
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+        # the box at 1/s, rounded outwards: it covers the drawn box and is never smaller
+        # than the output (dct_scale), for less than one decoded pixel more on each side
+        box = x[..., top // s:math.ceil((top + h) / s), left // s:math.ceil((left + w) / s)]
+        out = Fn.interpolate(box, size=self.size, mode=self.mode, antialias=True)[0].expand(3, -1, -1)
+        if self.pil:
+            return Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())
+        return out
+
+    @staticmethod
+    def read(path, fn, arg):
+        """fn(arg), failing with one line that names the file."""
+        try:
+            return fn(arg)
+        except Exception as e:  # truncated, not an image, unreadable
+            raise UserError(f"cannot read image {path}: {e}") from None
