@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= output_demo
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-cluster clean
 
 venv: $(VENV)/.installed
 
@@ -23,8 +23,16 @@ demo: venv
 		--num_workers 2 --print_freq 8 --output_dir $(DEMO_OUT)
 	@echo "demo outputs in $(DEMO_OUT): tensorboard --logdir $(DEMO_OUT)"
 
+# tests/cluster/ needs SLURM and minutes of its own: `make test-cluster` runs it.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/cluster
+
+# A real one-node SLURM cluster (munged, slurmctld, slurmd on 127.0.0.1, started and
+# stopped by the tests) and multi-node torchrun with two agents on this machine.
+# install.sh brings slurm-wlm and munge from Debian (root or sudo; skipped when present).
+test-cluster: venv
+	bash tests/cluster/install.sh
+	$(PY) -m pytest -q tests/cluster
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

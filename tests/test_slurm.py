@@ -1,4 +1,5 @@
-"""The SLURM launcher (sbatch + srun, one task per GPU) and the SLURM rank variables."""
+"""The SLURM launcher (sbatch + srun, one task per GPU or CPU tasks) and the SLURM rank
+variables. Jobs on a real SLURM cluster: tests/cluster/ (`make test-cluster`)."""
 import os
 import subprocess
 import sys
@@ -19,10 +20,43 @@ def test_dry_run_script(tmp_path):
                  "#SBATCH --requeue", "#SBATCH --signal=USR1@120", "#SBATCH --partition=gpu",
                  "#SBATCH --time=4:00:00", f"#SBATCH --output={out}/slurm/%j.out"):
         assert line in text.splitlines(), line
+    assert "#SBATCH --mem-per-gpu=60G" in text.splitlines()
+    # srun of SLURM >= 22.05 does not inherit --cpus-per-task from sbatch
+    assert "srun --kill-on-bad-exit=1 --cpus-per-task=10 " in text
+    assert "export MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))" in text.splitlines()  # jobs sharing a node
     assert f"main_pretrain.py --output_dir {out} --reg tcr --centering False" in text
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_dry_run_cpu_tasks(tmp_path):
+    proc = run_script("submit_slurm.py", "--gpus_per_node", "0", "--tasks_per_node", "2", "--cpus_per_task", "1",
+                      "--mem", "4G", "--master_port", "12345", "--dry_run", "--", "main_pretrain.py",
+                      "--output_dir", tmp_path / "run", "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=4G",
+                 "export MASTER_PORT=12345"):
+        assert line in lines, line
+    assert not [line for line in lines if "gpus" in line or "mem-per-gpu" in line]
+    assert not os.path.exists(tmp_path / "run")  # a dry run writes nothing
+
+
+def test_help_and_usage_mistakes(tmp_path):
+    proc = run_script("submit_slurm.py", "--help")
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    assert "--tasks_per_node" in proc.stdout and "--gpus_per_node" in proc.stdout
+    out = ["--output_dir", tmp_path]
+    assert_one_line_error(run_script("submit_slurm.py", "main_pretrain.py", *out), "put -- between")
+    assert_one_line_error(run_script("submit_slurm.py", "--dry_run", "--"), "name the script")
+    assert_one_line_error(run_script("submit_slurm.py", "--nodez", "2", "--", "main_pretrain.py", *out),
+                          "unrecognized arguments: --nodez")
+    assert_one_line_error(run_script("submit_slurm.py", "--gpus_per_node", "4", "--tasks_per_node", "2", "--dry_run",
+                                     "--", "main_pretrain.py", *out), "one task per GPU")
+    # the script's own flags are checked before anything is queued
+    assert_one_line_error(run_script("submit_slurm.py", "--dry_run", "--", "main_pretrain.py", *out, "--epochs",
+                                     "three"), "main_pretrain.py: argument --epochs: invalid int value")
 
 
 def test_launcher_path_problems(tmp_path):
@@ -33,6 +67,12 @@ def test_launcher_path_problems(tmp_path):
                           "script must be one of")
     assert_one_line_error(run_script("submit_slurm.py", "--dry_run", "--", "main_finetune.py", "--output_dir",
                                      tmp_path, "--data_path", "/nonexistent"), "data_path")
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert_one_line_error(run_script("submit_slurm.py", "--dry_run", "--", "main_pretrain.py", "--output_dir",
+                                     afile), f"({afile} is a file)")
+    assert_one_line_error(run_script("submit_slurm.py", "--gpus_per_node", "0", "--tasks_per_node", "0", "--dry_run",
+                                     "--", "main_pretrain.py", "--output_dir", tmp_path), "--tasks_per_node must be")
     if not any(os.access(os.path.join(d, "sbatch"), os.X_OK) for d in os.environ["PATH"].split(os.pathsep)):
         assert_one_line_error(run_script("submit_slurm.py", "--", "main_pretrain.py", "--output_dir", tmp_path),
                               "sbatch not found")
@@ -54,3 +94,14 @@ def test_ranks_from_slurm_variables(tmp_path):
     assert "world size 2" in outs[0][0]
     state = torch.load(tmp_path / "o" / "checkpoint-0.pth", weights_only=True)
     assert len(state["rng"]) == 2  # one RNG state per rank
+
+
+def test_output_dir_that_is_a_file(tmp_path, tiny_args):
+    """A new user's typo: --output_dir names an existing file (or a path below one)."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep")
+    assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--output_dir", afile),
+                          f"--output_dir {afile} is not a folder")
+    assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--output_dir", afile / "run"),
+                          f"({afile} is a file)")
+    assert afile.read_text() == "keep"

@@ -1,6 +1,9 @@
 """Preemption: SIGTERM / SIGUSR1 (what SLURM sends before killing a job) ask the
-run to save a checkpoint at the next step boundary and exit cleanly; under SLURM
-the job is then requeued, and the relaunched command auto-resumes."""
+run to save a checkpoint at the next step boundary and exit cleanly. Under SLURM,
+after SIGUSR1 (submit_slurm.py's warning ahead of the time limit) the job requeues
+itself; SIGTERM comes from preemption or `scontrol requeue`, which requeue the job
+by themselves, or from `scancel`, which means stop. The relaunched command
+auto-resumes."""
 import os
 import signal
 import subprocess
@@ -33,9 +36,10 @@ class Preempted(Exception):
 
 
 def requeue_if_slurm():
-    """Ask SLURM to requeue this job (rank 0 only); harmless outside SLURM."""
+    """After the time-limit warning (SIGUSR1), ask SLURM to requeue this job (rank 0
+    only); harmless outside SLURM. Not after SIGTERM: a plain scancel must stop the job."""
     job = os.environ.get("SLURM_JOB_ID")
-    if job and get_rank() == 0:
+    if job and get_rank() == 0 and _requested["signal"] == "SIGUSR1":
         try:
             subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, timeout=60)
             print(f"requeued SLURM job {job}")
