@@ -46,6 +46,21 @@ def assert_one_line_error(proc, *fragments):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def run_and_resume_after_epoch0(tmp_path, args):
+    """main_pretrain with `args` (2 epochs, --save_every 1) in one go, and again stopped
+    after epoch 0 and relaunched; returns both final checkpoints (full, resumed)."""
+    import shutil
+    import torch
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = run_script("main_pretrain.py", *args, "--output_dir", full)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cut.mkdir()
+    shutil.copy(full / "checkpoint-0.pth", cut / "checkpoint-0.pth")
+    proc = run_script("main_pretrain.py", *args, "--output_dir", cut)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
+    return [torch.load(d / "checkpoint-1.pth", weights_only=True) for d in (full, cut)]
+
+
 @pytest.fixture
 def tiny_args():
     return list(TINY)

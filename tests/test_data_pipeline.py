@@ -2,7 +2,6 @@
 boxes as torchvision's RandomResizedCrop, pixels close to the plain PIL path, odd files."""
 import math
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_and_resume_after_epoch0, run_script
 from util.datasets import EpochSeeded, checked_loader
 from util.errors import UserError
 from util.jpeg import DecodeCrop, EncodedImage, dct_scale
@@ -294,16 +293,8 @@ def test_linprobe_and_finetune_loaders(tmp_path):
 def test_pretraining_on_files_resumes_exactly(tmp_path, tiny_args):
     data = jpeg_folder(tmp_path / "data")
     common = tiny_args + ["--data_path", data, "--batch_size", "4", "--epochs", "2", "--save_every", "1"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    proc = run_script("main_pretrain.py", *common, "--output_dir", full)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    cut.mkdir()
-    shutil.copy(full / "checkpoint-0.pth", cut / "checkpoint-0.pth")
-    proc = run_script("main_pretrain.py", *common, "--output_dir", cut)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    a = torch.load(full / "checkpoint-1.pth", weights_only=True)["model"]
-    b = torch.load(cut / "checkpoint-1.pth", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, resumed = run_and_resume_after_epoch0(tmp_path, common)
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
 
 
 def test_a_corrupt_training_file_is_one_line(tmp_path, tiny_args):

@@ -2,13 +2,12 @@
 import hashlib
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_and_resume_after_epoch0, run_script
 from util.accumulation import accumulation_groups
 from main_pretrain import build_train_loader, get_args_parser
 
@@ -45,19 +44,11 @@ def test_short_run_loss_falls_and_writes_outputs(tmp_path, tiny_args):
 
 def test_resume_continues_exactly(tmp_path, tiny_args):
     common = [*tiny_args, "--epochs", "2", "--save_every", "1", "--reg", "uniformity", "--lamb", "0.1"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_script("main_pretrain.py", *common, "--output_dir", straight).returncode == 0
     # a run that stopped after epoch 0: relaunching the same command auto-resumes
-    split.mkdir()
-    shutil.copy(straight / "checkpoint-0.pth", split / "checkpoint-0.pth")
-    proc = run_script("main_pretrain.py", *common, "--output_dir", split)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resumed from" in proc.stdout and "starting at epoch 1" in proc.stdout
-    a = torch.load(straight / "checkpoint-1.pth", weights_only=True)
-    b = torch.load(split / "checkpoint-1.pth", weights_only=True)
+    a, b = run_and_resume_after_epoch0(tmp_path, common)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert read_log(straight)[1] == read_log(split)[0]
+    assert read_log(tmp_path / "full")[1] == read_log(tmp_path / "cut")[0]
 
 
 def test_accum_iter_larger_than_epoch_still_updates(tmp_path, tiny_args):
@@ -223,15 +214,7 @@ def test_gpu_decode_pretraining_runs_and_resumes_exactly(tmp_path, tiny_args):
     make_jpeg_folder(data)
     common = tiny_args + ["--data_path", data, "--batch_size", "4", "--gpu_decode", "--epochs", "2",
                           "--save_every", "1"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    proc = run_script("main_pretrain.py", *common, "--output_dir", full)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(read_log(full)) == 2
+    full, resumed = run_and_resume_after_epoch0(tmp_path, common)
+    assert len(read_log(tmp_path / "full")) == 2
     # a run that stopped after epoch 0, relaunched: the same weights as the run in one go
-    cut.mkdir()
-    shutil.copy(full / "checkpoint-0.pth", cut / "checkpoint-0.pth")
-    proc = run_script("main_pretrain.py", *common, "--output_dir", cut)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    a = torch.load(full / "checkpoint-1.pth", weights_only=True)["model"]
-    b = torch.load(cut / "checkpoint-1.pth", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
