@@ -182,7 +182,6 @@ def pretrain(args, run_dir, setting, seed, data):
     timing = os.path.join(run_dir, "pretrain_s.json")
     reg = SETTINGS[setting][1]
     if reg is None:
-        cmd = [sys.executable, "benchmarks/study.py", "(untrained)"]
         if not os.path.isfile(final):
             save_untrained(final, seed)
         return final, "(untrained: main_pretrain's initialisation for this seed)", 0.0
