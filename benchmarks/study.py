@@ -25,6 +25,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -197,6 +198,18 @@ def pretrain(args, run_dir, setting, seed, data):
     return final, " ".join(["python"] + cmd[1:]), spent
 
 
+def epoch_seconds(log_path):
+    """{epoch: seconds} from main_pretrain's "Epoch: [k] total time: H:MM:SS" lines (the last
+    line per epoch wins: an epoch resumed from a step checkpoint counts its resumed part only).
+    Unlike the invocation wall time, this survives a study stopped and resumed across sessions."""
+    times = {}
+    if os.path.isfile(log_path):
+        for m in re.finditer(r"Epoch: \[(\d+)\] total time: (\d+):(\d+):(\d+)", open(log_path).read()):
+            h, mi, sec = (int(g) for g in m.groups()[1:])
+            times[int(m.group(1))] = 3600 * h + 60 * mi + sec
+    return times
+
+
 def save_untrained(path, seed):
     """The model as main_pretrain.py initialises it for `seed`, never trained."""
     sys.path.insert(0, REPO)
@@ -210,6 +223,11 @@ def save_untrained(path, seed):
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "args": saved, "epoch": -1}, tmp)
     os.replace(tmp, path)
+
+
+def median_epoch_s(log_path):
+    times = epoch_seconds(log_path)
+    return statistics.median(times.values()) if times else None
 
 
 def analyze(args, run_dir, ckpt, data):
@@ -252,6 +270,7 @@ def run_one(args, setting, seed, data, commit):
                            f"ridge_{pool}": p["linear"]["ridge"]["acc1"]})
         result.update({"recon_loss": a["recon_loss"], "online_acc1": last.get("val_online_acc1"),
                        "pretrain_s": round(pretrain_s, 1), "analyze_s": round(analyze_s, 1),
+                       "epoch_s": median_epoch_s(os.path.join(run_dir, "pretrain.log")),
                        "singular_values_cls": [round(v, 6) for v in a["pools"]["cls"]["diagnostics"]["singular_values"]]})
         recon = os.path.join(run_dir, "reconstruction-analysis.png")
         if os.path.isfile(recon):
@@ -270,7 +289,7 @@ def run_one(args, setting, seed, data, commit):
 METRICS = [("linear_cls", "linear cls", 2), ("linear_avg", "linear avg", 2), ("knn_cls", "kNN cls", 2),
            ("knn_avg", "kNN avg", 2), ("erank_cls", "erank cls", 1), ("erank_avg", "erank avg", 1),
            ("dims99_cls", "dims99 cls", 1), ("uniformity_cls", "unif. cls", 4), ("tcr_cls", "TCR cls", 2),
-           ("recon_loss", "val recon", 4), ("online_acc1", "online", 2), ("pretrain_s", "pretrain s", 0)]
+           ("recon_loss", "val recon", 4), ("online_acc1", "online", 2), ("epoch_s", "s/epoch", 0)]
 
 
 def summarise(rows, key):
