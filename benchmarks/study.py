@@ -204,10 +204,17 @@ def epoch_seconds(log_path):
     Unlike the invocation wall time, this survives a study stopped and resumed across sessions."""
     times = {}
     if os.path.isfile(log_path):
-        for m in re.finditer(r"Epoch: \[(\d+)\] total time: (\d+):(\d+):(\d+)", open(log_path).read()):
+        with open(log_path) as f:
+            text = f.read()
+        for m in re.finditer(r"Epoch: \[(\d+)\] total time: (\d+):(\d+):(\d+)", text):
             h, mi, sec = (int(g) for g in m.groups()[1:])
             times[int(m.group(1))] = 3600 * h + 60 * mi + sec
     return times
+
+
+def median_epoch_s(log_path):
+    times = epoch_seconds(log_path)
+    return statistics.median(times.values()) if times else None
 
 
 def save_untrained(path, seed):
@@ -223,11 +230,6 @@ def save_untrained(path, seed):
     tmp = path + ".tmp"
     torch.save({"model": model.state_dict(), "args": saved, "epoch": -1}, tmp)
     os.replace(tmp, path)
-
-
-def median_epoch_s(log_path):
-    times = epoch_seconds(log_path)
-    return statistics.median(times.values()) if times else None
 
 
 def analyze(args, run_dir, ckpt, data):

@@ -47,8 +47,8 @@ def assert_one_line_error(proc, *fragments):
 
 
 def run_and_resume_after_epoch0(tmp_path, args):
-    """main_pretrain with `args` (2 epochs, --save_every 1) in one go, and again stopped
-    after epoch 0 and relaunched; returns both final checkpoints (full, resumed)."""
+    """main_pretrain with `args` (2 epochs, --save_every 1) in one go (in tmp_path/full), and
+    again stopped after epoch 0 and relaunched (tmp_path/cut); returns both final checkpoints."""
     import shutil
     import torch
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -57,7 +57,8 @@ def run_and_resume_after_epoch0(tmp_path, args):
     cut.mkdir()
     shutil.copy(full / "checkpoint-0.pth", cut / "checkpoint-0.pth")
     proc = run_script("main_pretrain.py", *args, "--output_dir", cut)
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and "starting at epoch 1" in proc.stdout
     return [torch.load(d / "checkpoint-1.pth", weights_only=True) for d in (full, cut)]
 
 
