@@ -28,7 +28,7 @@ from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_enc
 from util.metric_logger import append_log, tensorboard_writer
 from util.optim import adamw, scale_lr
 from util.survival import run_with_retries
-from util.vis import save_reconstructions
+from util.vis import pick_across_classes, save_reconstructions
 
 # Model-shape overrides of the registry size (e.g. a 6-block encoder with a 2-block decoder).
 SHAPE_FLAGS = ("depth", "decoder_embed_dim", "decoder_depth")
@@ -180,7 +180,7 @@ def main(args):
     if get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     log_writer = tensorboard_writer(args.log_dir)
-    vis_imgs = torch.stack([dataset_val[i][0] for i in range(min(8, len(dataset_val)))]).to(device) \
+    vis_imgs = torch.stack([dataset_val[i][0] for i in pick_across_classes(dataset_val)]).to(device) \
         if args.vis_every else None
 
     preempt.install_handlers()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0
