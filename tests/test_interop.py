@@ -273,3 +273,39 @@ def test_interop_bad_inputs(tmp_path, capsys):
     # and from the command line, one line too
     assert_one_line_error(run_script("main_export.py", "--checkpoint", tmp_path / "odd.pth", "--format", "hf",
                                      "--output", tmp_path / "o6"), "unknown model size")
+
+
+# ---- the reconstruction picture ------------------------------------------------------------
+class Labelled(torch.utils.data.Dataset):
+    def __init__(self, targets):
+        self.targets = targets
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def test_reconstruction_picks_span_classes():
+    from util.vis import pick_across_classes
+    sorted_100 = Labelled([c for c in range(100) for _ in range(50)])  # an ImageFolder's val split
+    picks = pick_across_classes(sorted_100)
+    assert [sorted_100.targets[i] for i in picks] == [0, 12, 25, 37, 50, 62, 75, 87]
+    assert pick_across_classes(sorted_100) == picks  # the same every run
+    three = Labelled([i % 3 for i in range(30)])  # fewer classes than pictures: each class in turn
+    assert [three.targets[i] for i in pick_across_classes(three)] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert len(set(pick_across_classes(three))) == 8
+    unlabelled = torch.utils.data.TensorDataset(torch.zeros(15, 1))
+    assert pick_across_classes(unlabelled) == [0, 2, 4, 6, 8, 10, 12, 14]
+
+
+def test_reconstruction_grid_enlarges_small_images(tmp_path):
+    from util.vis import MIN_SIDE, reconstruction_grid, save_reconstructions
+    model = models_mae.mae_vit_tiny_patch16(img_size=64, patch_size=8, depth=1, decoder_depth=1)
+    x = images(2, side=64)
+    grid = reconstruction_grid(model, x, 0.75)
+    side = 64 * -(-MIN_SIDE // 64)  # 192: a whole multiple, nearest, so patch edges stay sharp
+    assert grid.shape == (3, 2 * (side + 2) + 2, 4 * (side + 2) + 2)
+    cell = grid[:, 2:2 + side, 2:2 + side]  # the first original, 3x: every pixel a 3x3 block
+    torch.testing.assert_close(cell, cell[:, ::3, ::3].repeat_interleave(3, 1).repeat_interleave(3, 2))
+    assert reconstruction_grid(models_mae.mae_vit_tiny_patch16(img_size=224, depth=1, decoder_depth=1),
+                               images(1, side=224), 0.75).shape[-1] == 4 * 226 + 2  # large ones as they are
+    assert os.path.isfile(save_reconstructions(model, x, 0.75, str(tmp_path), 0))
