@@ -16,7 +16,6 @@ main_pretrain --resume (with a decoder), --finetune and main_analyze take.
 Weights only; both sides are loaded strictly, so a key that does not map fails.
 transformers is needed for --format hf only (the written folder is loaded back with it).
 """
-import argparse
 import json
 import os
 import shutil
@@ -27,18 +26,18 @@ from safetensors.torch import load_file, save_file
 import models_mae
 import models_vit
 from util.checkpoint import atomic_save, load_checkpoint
+from util.cli import Parser, add_bool
 from util.errors import UserError, exit_on_user_error
 from util import interop
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Export to timm / Hugging Face, or import from them", add_help=True)
+    p = Parser("Export to timm / Hugging Face, or import from them", add_help=True)
     p.add_argument("--checkpoint", help="checkpoint to export (ours or an official MAE file)")
     p.add_argument("--format", choices=["timm", "hf"], help="export format")
     p.add_argument("--import_from", help="HF ViTMAE/ViT folder or timm state dict (.safetensors/.pth) to import")
     p.add_argument("--output", required=True, help="file (timm, import) or folder (hf) to write; must not exist")
-    p.add_argument("--norm_pix_loss", default=None, type=lambda s: s.lower() in ("1", "true", "yes"),
-                   help="for the HF config when the checkpoint does not say (official files): true/false")
+    add_bool(p, "--norm_pix_loss", None, "for the HF config, when the checkpoint does not say (official files)")
     p.add_argument("--mask_ratio", default=None, type=float, help="for the HF config (default: the checkpoint's)")
     return p
 
@@ -143,7 +142,7 @@ def timm_call(shape, entry, kind, global_pool):
     return name, kw
 
 
-def export_timm(path, out, norm_pix_loss=None, mask_ratio=None):
+def export_timm(path, out):
     import timm
     sd, args, kind, shape, entry = read_ours(path)
     global_pool = "fc_norm.weight" in sd if kind == "classifier" else bool(args.get("global_pool"))
@@ -179,6 +178,7 @@ def hf_config(shape, entry, decoder, norm_pix_loss, mask_ratio):
 
 def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
     import transformers
+    transformers.utils.logging.disable_progress_bar()
     sd, args, kind, shape, entry = read_ours(path)
     if "fc_norm.weight" in sd:
         raise UserError(f"checkpoint {path} was fine-tuned with --global_pool: its fc_norm on the mean patch "
@@ -311,13 +311,14 @@ def import_weights(src, out):
                 global_pool=False, **{k: flags.get(k) for k in ("depth", "decoder_embed_dim", "decoder_depth")},
                 **settings, imported_from=os.path.abspath(src))
     _write(out, lambda tmp: atomic_save({"model": sd, "args": args}, tmp))
-    cmd = " ".join([f"--model {entry['name']} --input_size {args['input_size']}"]
-                   + [f"--{k} {v}" for k, v in flags.items()]
-                   + (["--norm_pix_loss"] if settings["norm_pix_loss"] else []))
-    kind = "encoder + decoder" if shape["decoder_depth"] else "encoder only"
-    print(f"wrote {out} ({kind}); it takes {cmd} and\n"
-          + (f"  main_pretrain.py --resume {out} ...   # continue pretraining\n" if shape["decoder_depth"] else "")
-          + f"  main_finetune.py --finetune {out} ...  /  main_analyze.py --checkpoint {out} ...")
+    shape_flags = " ".join([f"--input_size {args['input_size']}"] + [f"--{k} {v}" for k, v in flags.items()])
+    vit_flags = " ".join([f"--input_size {args['input_size']}"] + [f"--{k} {v}" for k, v in flags.items()
+                                                                     if k in ("patch_size", "depth")])
+    print(f"wrote {out} ({'encoder + decoder' if shape['decoder_depth'] else 'encoder only'}); use it with\n"
+          + (f"  main_pretrain.py --resume {out} --model {entry['name']} {shape_flags}"
+             + (" --norm_pix_loss" if settings["norm_pix_loss"] else "") + " ...\n" if shape["decoder_depth"] else "")
+          + f"  main_finetune.py --finetune {out} --model {entry['name'][4:]} {vit_flags} ...   (or main_linprobe.py)\n"
+          + f"  main_analyze.py --checkpoint {out} ...")
     return args
 
 
@@ -331,8 +332,9 @@ def main(args):
         raise UserError("--checkpoint needs --format timm or --format hf")
     if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    export = export_timm if args.format == "timm" else export_hf
-    return export(args.checkpoint, args.output, args.norm_pix_loss, args.mask_ratio)
+    if args.format == "timm":
+        return export_timm(args.checkpoint, args.output)
+    return export_hf(args.checkpoint, args.output, args.norm_pix_loss, args.mask_ratio)
 
 
 if __name__ == "__main__":
