@@ -16,6 +16,7 @@ main_pretrain --resume (with a decoder), --finetune and main_analyze take.
 Weights only; both sides are loaded strictly, so a key that does not map fails.
 transformers is needed for --format hf only (the written folder is loaded back with it).
 """
+import functools
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ def get_args_parser():
 
 
 # ---- model sizes -----------------------------------------------------------------
+@functools.cache
 def sizes():
     """{encoder width: the registry entry of that size}, read from models_mae (built on
     the meta device: no memory, no init cost)."""
@@ -67,9 +69,8 @@ def registry_size(width, source):
 
 def overrides(shape, entry):
     """models_mae keywords (and main_pretrain flags) for a shape that differs from its registry size."""
-    out = {k: shape[k] for k in ("patch_size", "depth", "decoder_embed_dim", "decoder_depth")
-           if shape.get(k) and shape[k] != entry[k]}
-    return out
+    return {k: shape[k] for k in ("patch_size", "depth", "decoder_embed_dim", "decoder_depth")
+            if shape.get(k) and shape[k] != entry[k]}
 
 
 # ---- reading our checkpoints -----------------------------------------------------------
@@ -91,11 +92,11 @@ def read_ours(path):
     if shape["mlp_dim"] != 4 * shape["embed_dim"]:
         raise UserError(f"checkpoint {path} has MLP width {shape['mlp_dim']}, not 4 x {shape['embed_dim']}: "
                         "no model of this codebase has that shape")
-    _load_into_ours(sd, kind, shape, entry, args, path)
+    _load_into_ours(sd, kind, shape, entry, path)
     return sd, args, kind, shape, entry
 
 
-def _load_into_ours(sd, kind, shape, entry, args, path):
+def _load_into_ours(sd, kind, shape, entry, path):
     """Strict load on our side: the checkpoint must be exactly one of our models (the
     decoder and online head may be absent in a pretraining one)."""
     img = shape["grid"] * shape["patch_size"]
@@ -228,7 +229,7 @@ def _write(out, write):
 
 # ---- import ------------------------------------------------------------------------------
 def read_hf_folder(path):
-    """(our state dict, shape, settings) from an HF ViTMAE or ViT folder."""
+    """(our state dict, settings for its args) from an HF ViTMAE or ViT folder."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path} is a folder without config.json: not a Hugging Face model folder")
@@ -250,8 +251,7 @@ def read_hf_folder(path):
     sd = interop.from_hf(hf_sd, interop.hf_table(cfg["num_hidden_layers"], decoder, prefix))
     if dropped:
         print(f"left out of the import: {len(dropped)} tensors of {sorted({k.split('.')[0] for k in dropped})}")
-    return sd, cfg, dict(norm_pix_loss=bool(cfg.get("norm_pix_loss", False)),
-                         mask_ratio=float(cfg.get("mask_ratio", 0.75)))
+    return sd, dict(norm_pix_loss=bool(cfg.get("norm_pix_loss", False)), mask_ratio=float(cfg.get("mask_ratio", 0.75)))
 
 
 def _check_hf_config(cfg, path):
@@ -295,7 +295,7 @@ def read_timm(path):
 def import_weights(src, out):
     """Write the weights of an HF folder or a timm file as a checkpoint of this codebase."""
     if os.path.isdir(src):
-        sd, _, settings = read_hf_folder(src)
+        sd, settings = read_hf_folder(src)
     elif os.path.isfile(src):
         sd, settings = read_timm(src), dict(norm_pix_loss=False, mask_ratio=0.75)
     else:
@@ -305,7 +305,7 @@ def import_weights(src, out):
     except UserError as e:
         raise UserError(f"{src} {e}") from None
     entry = registry_size(shape["embed_dim"], src)
-    _load_into_ours(sd, "pretrain", shape, entry, {}, src)
+    _load_into_ours(sd, "pretrain", shape, entry, src)
     flags = overrides(shape, entry)
     args = dict(model=entry["name"], input_size=shape["grid"] * shape["patch_size"], patch_size=shape["patch_size"],
                 global_pool=False, **{k: flags.get(k) for k in ("depth", "decoder_embed_dim", "decoder_depth")},

@@ -258,6 +258,14 @@ def test_interop_bad_inputs(tmp_path, capsys):
     hf.save_pretrained(tmp_path / "hf6")
     assert "num_attention_heads 6 (needs 3)" in export_error(capsys, "--import_from", tmp_path / "hf6",
                                                              "--output", tmp_path / "o4.pth")
+    # an import of the wrong kind
+    (tmp_path / "empty").mkdir()
+    assert "without config.json" in export_error(capsys, "--import_from", tmp_path / "empty", "--output", tmp_path / "o7")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    assert "'bert'" in export_error(capsys, "--import_from", tmp_path / "bert", "--output", tmp_path / "o8")
+    assert "does not exist" in export_error(capsys, "--import_from", tmp_path / "nothing", "--output", tmp_path / "o9")
+    assert "either --checkpoint" in export_error(capsys, "--output", tmp_path / "o10")
     # an unknown model size
     odd = models_mae.MaskedAutoencoderViT(img_size=32, patch_size=4, embed_dim=256, depth=1, num_heads=4,
                                           decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
