@@ -178,7 +178,10 @@ def hf_config(shape, entry, decoder, norm_pix_loss, mask_ratio):
 
 
 def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--format hf needs transformers (pip install -r requirements.txt)") from None
     transformers.utils.logging.disable_progress_bar()
     sd, args, kind, shape, entry = read_ours(path)
     if "fc_norm.weight" in sd:
@@ -217,6 +220,7 @@ def _write(out, write):
     if os.path.exists(out):
         raise UserError(f"{out} already exists; choose another --output (nothing was overwritten)")
     tmp = f"{out.rstrip('/')}.tmp.{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
     try:
         write(tmp)
         os.rename(tmp, out)

@@ -4,6 +4,8 @@ weights-only checkpoints main_pretrain --resume takes; the reconstruction pictur
 Every model is built here, tiny: nothing is downloaded."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 import main_export
 import models_mae
 import models_vit
-from conftest import TINY, assert_one_line_error, run_script
+from conftest import REPO, TINY, assert_one_line_error, run_script
 from util.interop import hf_table
 
 transformers = pytest.importorskip("transformers")
@@ -317,3 +319,11 @@ def test_reconstruction_grid_enlarges_small_images(tmp_path):
     assert reconstruction_grid(models_mae.mae_vit_tiny_patch16(img_size=224, depth=1, decoder_depth=1),
                                images(1, side=224), 0.75).shape[-1] == 4 * 226 + 2  # large ones as they are
     assert os.path.isfile(save_reconstructions(model, x, 0.75, str(tmp_path), 0))
+
+
+def test_interop_training_imports_neither_transformers_nor_the_exporter():
+    code = ("import sys, main_pretrain, main_finetune, main_linprobe, main_analyze; "
+            "print(sorted(m for m in ('transformers', 'main_export') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
