@@ -255,3 +255,60 @@ def test_cuda_training_epoch_with_exact_accumulation(amp):
     saver = CheckpointSaver(args, model, optimizer, scaler, run, device)
     stats = train_one_epoch(model, model, batches, optimizer, scaler, device, 0, run, saver, args)
     assert np.isfinite(stats["loss"]) and optimizer.state
+
+
+# ---- the default loader without simplejpeg (the GPU machine's fixed image lacks it) -----------
+HIDE_SIMPLEJPEG = "import sys; sys.modules['simplejpeg'] = None\n"  # import simplejpeg -> ImportError
+
+
+def test_fast_loader_without_simplejpeg_falls_back_to_pil_with_the_same_pixels(tmp_path):
+    """util/jpeg.py with simplejpeg hidden (a sitecustomize in a subprocess): one warning
+    line, and PIL's draft mode gives the pixels of the libjpeg-turbo path, reduced DCT
+    scales included (large images, small output)."""
+    from test_data_pipeline import photo, save
+    from torchvision import transforms
+    from util.jpeg import DecodeCrop, dct_scale
+    paths = [save(photo(w, h, seed=i), tmp_path / f"{i}.jpg") for i, (w, h) in enumerate([(1023, 767), (501, 333)])]
+    paths.append(save(photo(300, 200).convert("L"), tmp_path / "grey.jpg"))
+    script = tmp_path / "crops.py"
+    script.write_text(
+        "import sys, torch\nsys.path.insert(0, sys.argv[1])\n"
+        "from torchvision import transforms\nfrom util.jpeg import DecodeCrop\n"
+        "crop = transforms.RandomResizedCrop(48, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)\n"
+        "out = []\nfor p in sys.argv[3:]:\n    for seed in range(6):\n"
+        "        torch.manual_seed(seed); out.append(DecodeCrop(crop)(p))\n"
+        "torch.save(torch.stack(out), sys.argv[2])\n")
+    site = tmp_path / "hide"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_SIMPLEJPEG)
+    import subprocess
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, str(script), REPO, str(tmp_path / "pil.pt"), *paths], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: simplejpeg is not installed"), proc.stderr
+    crop = transforms.RandomResizedCrop(48, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)
+    want, scales = [], set()
+    for p in paths:
+        for seed in range(6):
+            torch.manual_seed(seed)
+            want.append(DecodeCrop(crop)(p))
+            torch.manual_seed(seed)
+            _, _, h, w = crop.get_params(torch.empty(0, *Image.open(p).size[::-1]), crop.scale, crop.ratio)
+            scales.add(dct_scale(h, w, 48, 48))
+    assert max(scales) > 1, scales  # reduced-scale decodes were exercised
+    torch.testing.assert_close(torch.load(tmp_path / "pil.pt"), torch.stack(want), rtol=0, atol=1)
+
+
+def test_fast_loader_without_simplejpeg_runs_main_pretrain(tmp_path, tiny_args):
+    from test_pretrain import make_jpeg_folder
+    make_jpeg_folder(tmp_path / "data")
+    site = tmp_path / "hide"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE_SIMPLEJPEG)
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", tmp_path / "data", "--batch_size", "4",
+                      "--output_dir", tmp_path / "out", env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("warning: simplejpeg is not installed") == 1, proc.stderr
+    assert os.path.isfile(tmp_path / "out" / "checkpoint-0.pth")
