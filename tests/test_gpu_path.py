@@ -466,3 +466,25 @@ def test_cuda_device_decode_is_safe_from_the_nvjpeg_stream_race(tmp_path):
     for stream in (None, loader.stream):
         corrupted, wrong = decode_race(ours, nbytes, stream=stream)
         assert (corrupted, wrong) == (0, 0), ("training stream" if stream is None else "side stream", corrupted, wrong)
+
+
+# ---- --compile with the exact regulariser under accumulation ----------------------------------
+def test_compile_exact_accumulation_feature_pass_is_compiled_and_gives_eager_gradients():
+    """main_pretrain.CompiledFeatures: engine_pretrain.regulariser_grads' encoder pass
+    runs compiled (dynamo makes a graph of it) and gives eager's regulariser gradients."""
+    from engine_pretrain import regulariser_grads
+    from main_pretrain import CompiledFeatures
+    model = tiny()
+    args = step_args(amp="none", accum_iter=2)
+    batches = [(i, x, y) for i, (x, y) in enumerate(data(n_batches=2))]
+    torch.manual_seed(0)
+    eager = regulariser_grads(model, batches, 2, args)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    compiled = regulariser_grads(CompiledFeatures(model), batches, 2, args)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    for (n_e, g_e, r_e), (n_c, g_c, r_c) in zip(eager, compiled):
+        assert torch.equal(n_e, n_c)  # the same masks
+        torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(r_c, r_e, rtol=1e-5, atol=1e-7)
