@@ -528,8 +528,8 @@ SECTIONS = {"peak": section_peak, "speed_b": lambda out: section_speed(out, "spe
 def run_section(cli):
     """The child: one section; exit 1 if it reported a failure."""
     out = Section(cli)
-    if out.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if out.device.type == "cuda" and cli.section not in ("race", "tests"):  # as main_pretrain; the race's
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmul stall stays long
         torch.backends.cudnn.allow_tf32 = True
     SECTIONS[cli.section](out)
     sys.exit(1 if out.failed else 0)

@@ -436,7 +436,7 @@ def decode_race(decode, nbytes, rounds=20, stream=None, victims=4, stall=30):
         got = decode()
         torch.cuda.synchronize()
         corrupted += any(s.item() != (k + 1) * nbytes for k, s in enumerate(sums))
-        wrong += not torch.equal(got, want)
+        wrong += not torch.allclose(got.float(), want.float(), rtol=0, atol=1e-3)  # garbage is far off
     return corrupted, wrong
 
 
