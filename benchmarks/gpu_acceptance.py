@@ -22,13 +22,13 @@ saying so. In order, most important first:
    N DataLoader workers: the default loader (util/jpeg.py; PIL where simplejpeg is
    missing) and --gpu_decode (util/gpu_aug.py), alone and feeding ViT-B steps, next
    to the synthetic-batch figure.
-5. compiled: ViT-B/16 under torch.compile (cold): compile time, images/s, speed-up.
-6. tests: the suite's CUDA-marked tests (`pytest -m cuda`, the nvJPEG race test among them).
-7. race: the race harness of tests/test_gpu_path.py on a plain decode_jpeg (which
+5. tests: the suite's CUDA-marked tests (`pytest -m cuda`, the nvJPEG race test among them).
+6. race: the race harness of tests/test_gpu_path.py on a plain decode_jpeg (which
    pytorch/vision PR 9606 says races) next to DeviceDecodeLoader's decode.
-8. entry: main_pretrain (bf16, fp16 with --gpu_decode, bf16 --compile), main_linprobe,
+7. entry: main_pretrain (bf16, fp16 with --gpu_decode, bf16 --compile), main_linprobe,
    main_finetune, main_analyze for a few steps at small shapes: each must exit 0 and
    write its output.
+8. compiled: ViT-B/16 under torch.compile (cold): compile time, images/s, speed-up.
 9. batch (only with --batch_search): the largest per-GPU batch of ViT-L/16 (M-MAE step).
 The targets, each PASS / FAIL / n.a., close the report: ViT-B/16 bf16 MFU >= 50% of the
 datasheet peak on one H100/H200, regulariser overhead <= 3% of the step, compile >= 1.2x.
@@ -70,8 +70,10 @@ DATASHEET_TFLOPS = {"H200 NVL": 835.5, "H200": 989.5, "H100 PCIe": 756.5, "H100 
                     "A100": 312.0}
 
 # name: (estimated seconds on one H100/H200, estimated seconds with --quick on 2 CPU cores)
-PLAN = {"peak": (15, 10), "speed_b": (35, 25), "speed_l": (45, 25), "pipeline": (60, 35),
-        "compiled": (120, 45), "tests": (60, 20), "race": (20, 5), "entry": (110, 150), "batch": (120, 30)}
+# in the order they run: the issue's order (numbers, CUDA tests, entry points, batch search),
+# with the compiled step after the entry points since its cold compile is the least predictable
+PLAN = {"peak": (15, 10), "speed_b": (35, 25), "speed_l": (45, 25), "pipeline": (60, 35), "tests": (60, 20),
+        "race": (20, 5), "entry": (110, 150), "compiled": (120, 45), "batch": (120, 30)}
 OPTIONAL = {"batch"}
 
 
