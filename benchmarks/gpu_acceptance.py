@@ -72,8 +72,8 @@ DATASHEET_TFLOPS = {"H200 NVL": 835.5, "H200": 989.5, "H100 PCIe": 756.5, "H100 
 # name: (estimated seconds on one H100/H200, estimated seconds with --quick on 2 CPU cores)
 # in the order they run: the issue's order (numbers, CUDA tests, entry points, batch search),
 # with the compiled step after the entry points since its cold compile is the least predictable
-PLAN = {"peak": (15, 10), "speed_b": (35, 25), "speed_l": (45, 25), "pipeline": (60, 35), "tests": (60, 20),
-        "race": (20, 5), "entry": (110, 150), "compiled": (120, 45), "batch": (120, 30)}
+PLAN = {"peak": (15, 20), "speed_b": (35, 40), "speed_l": (45, 45), "pipeline": (60, 40), "tests": (60, 40),
+        "race": (20, 10), "entry": (110, 150), "compiled": (120, 45), "batch": (120, 30)}
 OPTIONAL = {"batch"}
 
 
@@ -264,7 +264,8 @@ def section_speed(out, which):
     mem = peak_memory_mib(out.device)
     flops = train_flops(model, our_args(cli, "mae"), samples, targets)
     over = {m: t[m] / t["mae"] - 1 for m in ("umae", "mmae")}
-    out(f"| {name} eager | {batch} | {batch / t['mae']:,.0f} | {mfu_text(flops, t['mae'], out.state)} "
+    label = f"{name} depth {kw['depth']}" if out.quick else name
+    out(f"| {label} eager | {batch} | {batch / t['mae']:,.0f} | {mfu_text(flops, t['mae'], out.state)} "
         f"| {mem:,.0f} | {100 * over['umae']:+.1f}% / {100 * over['mmae']:+.1f}% | {flops / batch / 1e9:.1f} |")
     out.save(**{which: {"model": name, "img_s": batch / t["mae"], "step_s": t["mae"], "flops": flops,
                         "reg_overhead": max(over.values()), "batch": batch}})
