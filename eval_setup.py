@@ -62,6 +62,7 @@ def prepare(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the training batches have one shape (drop_last)
     return device
 
 
@@ -139,7 +140,8 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
 
     max_acc = _previous_best(args)
     if get_world_size() > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)  # no gradient copy per step
     if args.compile:
         model = torch.compile(model)
     n_train = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)

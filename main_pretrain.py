@@ -112,15 +112,34 @@ def build_train_loader(args, device):
     return DeviceDecodeLoader(loader, args.input_size, device)
 
 
+def distributed(model, device):
+    """DDP with the gradients as views into its all-reduce buckets (gradient_as_bucket_view:
+    no copy of the whole gradient into the buckets and back each step)."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
+
+
+class CompiledFeatures:
+    """What engine_pretrain.regulariser_grads reads of the model, with the encoder pass
+    compiled: --compile with the exact regulariser under accumulation (its extra encoder
+    forward per micro-batch would otherwise run eager). The model itself is left as it
+    is, so the monitors' encoder passes stay eager."""
+
+    def __init__(self, model):
+        self.patch_embed, self.pooled_features = model.patch_embed, model.pooled_features
+        self.forward_encoder = torch.compile(model.forward_encoder)
+
+
 def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run, dataset_val, vis_imgs,
           log_writer):
     """Epochs from run.epoch to the end, with monitoring and a checkpoint after every epoch."""
     saver = ckpt.CheckpointSaver(args, model_without_ddp, optimizer, scaler, run, device)
+    features = CompiledFeatures(model_without_ddp) if args.compile and exact_accumulation(args) else model_without_ddp
     for epoch in range(run.epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         loader.sampler.start_index = run.start_step(epoch) * args.batch_size
         stats = {f"train_{k}": v for k, v in train_one_epoch(
-            model, model_without_ddp, loader, optimizer, scaler, device, epoch, run, saver, args,
+            model, features, loader, optimizer, scaler, device, epoch, run, saver, args,
             log_writer).items()}
         last = epoch + 1 == args.epochs
         if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
@@ -152,6 +171,7 @@ def main(args):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tune the patch-embed conv once
 
     loader = build_train_loader(args, device)
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size)) \
@@ -164,7 +184,7 @@ def main(args):
     scaler = grad_scaler(device, args.amp)
     run = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
     if get_world_size() > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = distributed(model, device)
     if args.compile:
         model = torch.compile(model)
 
