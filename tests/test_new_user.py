@@ -73,6 +73,31 @@ MAE_COMMANDS = [
 ]
 
 
+# Every option string of the argparse parsers of facebookresearch/mae's main_*.py (commit efb2a80).
+MAE_FLAGS = {
+    "main_pretrain.py": "--accum_iter --batch_size --blr --data_path --device --dist_on_itp --dist_url --epochs "
+                        "--input_size --local_rank --log_dir --lr --mask_ratio --min_lr --model --no_pin_mem "
+                        "--norm_pix_loss --num_workers --output_dir --pin_mem --resume --seed --start_epoch "
+                        "--warmup_epochs --weight_decay --world_size",
+    "main_finetune.py": "--aa --accum_iter --batch_size --blr --clip_grad --cls_token --color_jitter --cutmix "
+                        "--cutmix_minmax --data_path --device --dist_eval --dist_on_itp --dist_url --drop_path "
+                        "--epochs --eval --finetune --global_pool --input_size --layer_decay --local_rank --log_dir "
+                        "--lr --min_lr --mixup --mixup_mode --mixup_prob --mixup_switch_prob --model --nb_classes "
+                        "--no_pin_mem --num_workers --output_dir --pin_mem --recount --remode --reprob --resplit "
+                        "--resume --seed --smoothing --start_epoch --warmup_epochs --weight_decay --world_size",
+    "main_linprobe.py": "--accum_iter --batch_size --blr --cls_token --data_path --device --dist_eval --dist_on_itp "
+                        "--dist_url --epochs --eval --finetune --global_pool --local_rank --log_dir --lr --min_lr "
+                        "--model --nb_classes --no_pin_mem --num_workers --output_dir --pin_mem --resume --seed "
+                        "--start_epoch --warmup_epochs --weight_decay --world_size",
+}
+
+
+@pytest.mark.parametrize("script", sorted(MAE_FLAGS))
+def test_every_flag_of_mae_is_known(script):
+    known = SCRIPTS[script].get_args_parser()._option_string_actions
+    assert [f for f in MAE_FLAGS[script].split() if f not in known] == []
+
+
 @pytest.mark.parametrize("script,line", MAE_COMMANDS)
 def test_mae_documented_commands_parse_and_pass_the_checks(script, line, tmp_path):
     (tmp_path / "imagenet" / "train").mkdir(parents=True)
