@@ -212,3 +212,12 @@ def test_pretrain_sh_writes_to_a_relative_output_dir_of_the_caller(tmp_path):
     proc = launch("pretrain.sh", tmp_path, *TINY, RECIPE="mmae", OUTPUT_DIR="runs/here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(tmp_path / "runs" / "here" / "checkpoint-0.pth")
+
+
+# ---- the shipped ImageNet-100 class list ------------------------------------------------------
+def test_imagenet100_list_is_cmcs_100_wnids():
+    from util.datasets import read_class_subset
+    wnids = read_class_subset(os.path.join(REPO, "imagenet100.txt"))
+    assert len(wnids) == len(set(wnids)) == 100
+    assert all(w[0] == "n" and len(w) == 9 and w[1:].isdigit() for w in wnids)
+    assert wnids[:3] == ["n02869837", "n01749939", "n02488291"] and wnids[-1] == "n02090622"  # CMC's order
