@@ -9,11 +9,12 @@
 Writes an sbatch script into OUTPUT_DIR/slurm/ and submits it. sbatch + srun start
 one task per GPU (or --tasks_per_node CPU tasks with --gpus_per_node 0); each reads
 its rank from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (util/dist.py). The script's
-arguments are parsed here first, so a typo fails before anything is queued. The job
-is requeueable: SLURM sends SIGUSR1 --signal_before seconds before the time limit
-(and SIGTERM on preemption or `scontrol requeue`); the run saves a checkpoint at the
-next step boundary, requeues itself, and the requeued job auto-resumes from
-output_dir. --dry_run prints the script without submitting.
+arguments are parsed and checked here first (its parser and check_args), so a typo or
+a bad value fails before anything is queued. The job is requeueable: SLURM sends SIGUSR1
+--signal_before seconds before the time limit; the run saves a checkpoint at the next
+step boundary, requeues itself, and the requeued job auto-resumes from output_dir.
+SIGTERM (preemption, `scontrol requeue`: SLURM requeues the job; `scancel`: it stops)
+saves the same checkpoint. --dry_run prints the script without submitting.
 """
 import argparse
 import importlib
