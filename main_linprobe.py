@@ -26,7 +26,9 @@ def get_args_parser():
     return parser
 
 
-check_args = check_eval_args  # every flag check that needs no process group (submit_slurm.py runs it too)
+def check_args(args):
+    """Every flag check that needs no process group (submit_slurm.py runs it too)."""
+    return check_eval_args(args)
 
 
 def add_probe_head(model):
