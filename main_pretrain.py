@@ -32,6 +32,7 @@ from util.vis import pick_across_classes, save_reconstructions
 
 # Model-shape overrides of the registry size (e.g. a 6-block encoder with a 2-block decoder).
 SHAPE_FLAGS = ("depth", "decoder_embed_dim", "decoder_depth")
+PUBLISHED_LAMB = 1e-2  # U-MAE's and M-MAE's --lamb
 
 
 def get_args_parser():
@@ -55,7 +56,9 @@ def get_args_parser():
     g = parser.add_argument_group("regulariser")
     g.add_argument("--reg", default="none",
                    help="none | uniformity (U-MAE) | tcr (M-MAE); published spellings spectral, square, TCR")
-    g.add_argument("--lamb", default=0.0, type=float, help="weight of the regulariser")
+    g.add_argument("--lamb", default=None, type=float,
+                   help=f"weight of the regulariser (default: the published {PUBLISHED_LAMB:g} with --reg "
+                        "uniformity|tcr, 0 with --reg none)")
     g.add_argument("--uniformity_mu", default=1.0, type=float, help="mu of the TCR term")
     add_bool(g, "--centering", False, "centre the features in the TCR term")
     g.add_argument("--accum_reg", default="exact", choices=["exact", "micro"],
@@ -71,10 +74,19 @@ def get_args_parser():
 
 
 def check_pretrain_args(args):
+    """Fail early on values that cannot work; returns notes for the start of the log
+    (a default that changes the experiment is said, not silent)."""
+    notes = []
     args.reg = REG_ALIASES.get(args.reg, args.reg)
     if args.reg not in REG_CHOICES:
         raise UserError(f"unknown --reg {args.reg!r}; choose from {', '.join(REG_CHOICES)} "
                         f"(or {', '.join(REG_ALIASES)})")
+    if args.lamb is None:
+        args.lamb = 0.0 if args.reg == "none" else PUBLISHED_LAMB
+        if args.reg != "none":
+            notes.append(f"--reg {args.reg} without --lamb: using the published lamb {PUBLISHED_LAMB:g}")
+    elif args.lamb == 0 and args.reg != "none":
+        notes.append(f"--reg {args.reg} with --lamb 0: the regulariser is not computed (plain MAE; loss_reg logs 0)")
     if args.lamb < 0:
         raise UserError(f"--lamb must be >= 0, got {args.lamb}")
     if args.uniformity_mu <= 0:
@@ -83,6 +95,12 @@ def check_pretrain_args(args):
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.model not in models_mae.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_mae.MODELS)}")
+    return notes
+
+
+def check_args(args):
+    """Every flag check that needs no process group (submit_slurm.py runs it too)."""
+    return check_common_args(args) + check_pretrain_args(args)
 
 
 def build_model(args):
@@ -164,9 +182,10 @@ def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run
 
 @exit_on_user_error
 def main(args):
-    check_common_args(args)
-    check_pretrain_args(args)
+    notes = check_args(args)
     device = init_distributed_mode(args)
+    for note in notes:
+        print(f"note: {note}")
     seed_everything(args.seed + get_rank())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
