@@ -82,6 +82,8 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     g.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     g.add_argument("--dist_on_itp", action="store_true")
     g.add_argument("--dist_url", default="env://")
+    g.add_argument("--dist_timeout", default=30, type=float,
+                   help="minutes a rank waits for the others (a rank-0 checkpoint write, a lost host)")
     return parser
 
 
