@@ -33,8 +33,9 @@ def test_pretrain_sh_unknown_recipe(tmp_path):
 def dry_run(script, nnodes, gpus, recipe, **env):
     """The launcher's plan and torchrun command for NNODES x GPUS_PER_NODE, without GPUs."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("BATCH", "ACCUM", "EFF_BATCH")}
-    full_env.update(RECIPE=recipe, NNODES=str(nnodes), NODE_RANK="1", MASTER_ADDR="node0",
-                    GPUS_PER_NODE=str(gpus), PYTHON=sys.executable, DRY_RUN="1", CKPT="pretrained.pth", **env)
+    full_env.update({"RECIPE": recipe, "NNODES": str(nnodes), "NODE_RANK": "1", "MASTER_ADDR": "node0",
+                     "GPUS_PER_NODE": str(gpus), "PYTHON": sys.executable, "DRY_RUN": "1",
+                     "CKPT": "pretrained.pth", **env})
     return subprocess.run(["bash", os.path.join(REPO, script)], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=60)
 
