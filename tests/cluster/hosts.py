@@ -19,6 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import zlib
 
 
 def ip(*args, check=True):
@@ -65,7 +66,7 @@ class Hosts:
         self.ns = {h: f"mae{tag}-{h}" for h in self.names}
         self.bridge = f"m{tag}br"
         self.links = {h: f"m{tag}v{i}" for i, h in enumerate(self.names)}
-        self.network = self._free_network(int(tag))
+        self.network = self._free_network(zlib.crc32(tag.encode()))
         self.addr = {h: str(self.network[10 + i]) for i, h in enumerate(self.names)}
         self.made = []  # what start() created, in order, for stop()
 

@@ -1,12 +1,13 @@
 """A real SLURM cluster of separate hosts for the tests (tests/cluster/hosts.py): a
 controller host `ctl` (munged, slurmctld; also the login node the tests submit
-from) and compute hosts node1, node2 (a slurmd each), from Debian's packages
+from) and compute hosts node1, node2, node3 (a slurmd each; jobs of 2 hosts take node1
+and node2, node3 is the spare a job requeued after a host failure runs on), from Debian's packages
 (tests/cluster/install.sh). The config, munge key and socket, state, spools, logs
 and pid files live in one folder of the shared file system, as on a real cluster.
 
     cluster = SlurmCluster(folder); cluster.start()   # waits until every node is idle
     cluster.run("sbatch", ...)                          # a client command on the login node
-    cluster.kill_host("node2"); cluster.boot_host("node2")
+    cluster.kill_host("node2")                          # the host crashes: all its processes end
     cluster.stop()                                      # daemons, namespaces and links gone
 """
 import os
@@ -45,7 +46,7 @@ def mem_mb():
 
 
 class SlurmCluster:
-    def __init__(self, root, nodes=("node1", "node2"), cpus=2):
+    def __init__(self, root, nodes=("node1", "node2", "node3"), cpus=2):
         self.root = os.path.abspath(root)
         self.cpus = cpus
         self.nodes = list(nodes)
