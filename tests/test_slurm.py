@@ -1,9 +1,11 @@
 """The SLURM launcher (sbatch + srun, one task per GPU or CPU tasks) and the SLURM rank
 variables. Jobs on a real SLURM cluster: tests/cluster/ (`make test-cluster`)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -132,3 +134,17 @@ def test_output_dir_that_is_a_file(tmp_path, tiny_args):
     assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--output_dir", afile / "run"),
                           f"({afile} is a file)")
     assert afile.read_text() == "keep"
+
+
+def test_dist_timeout_bounds_the_wait_for_a_missing_rank(tmp_path):
+    """Rank 1 never comes (a lost host): rank 0 gives up after --dist_timeout minutes
+    instead of torch's default 10 (ours: 30) and exits non-zero."""
+    env = srun_task_env(0, SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(free_port()))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY, "--dist_timeout", "0.1",
+                           "--output_dir", str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert time.time() - t0 < 120
+    assert_one_line_error(proc, "rank 0/2: not all ranks met at localhost:", "within --dist_timeout 0.1 min")
+    assert re.search(r"Timed out after [5-9] seconds", proc.stderr), proc.stderr
+    assert not (tmp_path / "o" / "log.txt").exists()

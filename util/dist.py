@@ -105,9 +105,14 @@ def init_distributed_mode(args):
     backend = "nccl" if use_cuda else "gloo"
     # the timeout bounds a wait for a rank that is gone or slow (a big checkpoint write, a cold
     # compile); device_id binds NCCL to this rank's GPU up front
-    dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
-                            world_size=world_size, rank=rank, device_id=device if use_cuda else None,
-                            timeout=datetime.timedelta(minutes=getattr(args, "dist_timeout", 30)))
+    minutes = getattr(args, "dist_timeout", 30)
+    try:
+        dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
+                                world_size=world_size, rank=rank, device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(minutes=minutes))
+    except dist.DistStoreError as e:  # a rank that never came: name where they were to meet
+        raise UserError(f"rank {rank}/{world_size}: not all ranks met at {env.get('MASTER_ADDR')}:"
+                        f"{env.get('MASTER_PORT')} within --dist_timeout {minutes:g} min ({e})") from None
     _silence_non_main(rank == 0)
     print(f"| distributed init rank {rank}/{world_size} backend {backend} on {socket.gethostname()}", force=True)
     dist.barrier()
