@@ -13,6 +13,11 @@ if [ "$ON_SLURM" -eq 1 ]; then
          "srun --ntasks-per-node=1 bash $(basename "$0") ..." >&2
     exit 2
   fi
+  if [ "${SLURM_STEP_NUM_TASKS:-$NNODES}" -ne "$NNODES" ]; then  # torchrun starts the node's processes
+    echo "error: srun started $SLURM_STEP_NUM_TASKS tasks on $NNODES nodes: run $(basename "$0") once per node" \
+         "(srun --ntasks-per-node=1)" >&2
+    exit 2
+  fi
   if [ -z "${MASTER_ADDR:-}" ]; then  # torchrun's rank 0 runs on the allocation's first host
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   fi

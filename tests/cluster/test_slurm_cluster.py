@@ -157,6 +157,15 @@ def test_pretrain_sh_under_sbatch_on_two_hosts(cluster):
     assert_one_rank_per_host(log)
     assert os.path.exists(os.path.join(out, "checkpoint-2.pth"))
 
+    # one launcher per node, not per task: refused at once
+    proc = cluster.run("srun", "--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "bash",
+                       os.path.join(REPO, "pretrain.sh"), *RUN, "--output_dir", os.path.join(out, "per_task"),
+                       env=env, check=False, timeout=300)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(err) == 4, proc.stderr
+    assert set(err) == {"error: srun started 4 tasks on 2 nodes: run pretrain.sh once per node "
+                        "(srun --ntasks-per-node=1)"}, err
+
     # the same script without srun would start node 0 only: refused at once
     bare = os.path.join(out, "bare.sbatch")
     with open(bare, "w") as f:
