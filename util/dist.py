@@ -106,6 +106,8 @@ def init_distributed_mode(args):
     # the timeout bounds a wait for a rank that is gone or slow (a big checkpoint write, a cold
     # compile); device_id binds NCCL to this rank's GPU up front
     minutes = getattr(args, "dist_timeout", 30)
+    if minutes <= 0:
+        raise UserError(f"--dist_timeout must be a positive number of minutes, got {minutes:g}")
     try:
         dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
                                 world_size=world_size, rank=rank, device_id=device if use_cuda else None,

@@ -1,7 +1,7 @@
 # Sourced by pretrain.sh, linprobe.sh and finetune.sh: the torchrun topology from
 # the environment (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE;
-# under srun: SLURM_NNODES, SLURM_NODEID, and MASTER_ADDR = the allocation's first
-# host) and the interpreter (PYTHON, default the project's .venv). Defines WORLD,
+# under srun on several nodes: SLURM_NNODES, SLURM_NODEID, and MASTER_ADDR = the
+# step's first host) and the interpreter (PYTHON, default the project's .venv). Defines WORLD,
 # the TORCHRUN command array, and plan_batch / launch for the launchers.
 ON_SLURM=0  # the topology comes from the SLURM allocation (srun once per node)
 [ -z "${NNODES:-}" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_NNODES:-1}" -gt 1 ] && ON_SLURM=1
@@ -18,8 +18,8 @@ if [ "$ON_SLURM" -eq 1 ]; then
          "(srun --ntasks-per-node=1)" >&2
     exit 2
   fi
-  if [ -z "${MASTER_ADDR:-}" ]; then  # torchrun's rank 0 runs on the allocation's first host
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  if [ -z "${MASTER_ADDR:-}" ]; then  # torchrun's rank 0 runs on the step's first host
+    MASTER_ADDR=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
   fi
   MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 10000))}  # as submit_slurm.py
 fi
