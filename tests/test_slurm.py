@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO, TINY, assert_one_line_error, free_port, run_script
@@ -106,8 +107,11 @@ def test_ranks_and_master_from_slurm_variables(tmp_path):
     assert len(state["rng"]) == 2  # one RNG state per rank
 
 
-def test_srun_tasks_without_a_node_list_fail_at_once(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY,
+@pytest.mark.parametrize("script", ["main_pretrain.py", "main_linprobe.py", "main_finetune.py"])
+def test_srun_tasks_without_a_node_list_fail_at_once(script, tmp_path):
+    """The entry points share util/dist.py's init: none trains alone as a world-size-1 run."""
+    args = TINY if script == "main_pretrain.py" else ["--model", "vit_tiny_patch16", "--synthetic_size", "8"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *args,
                            "--output_dir", str(tmp_path / "o")], cwd=REPO, env=srun_task_env(0),
                           capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc, "srun started 2 tasks but neither MASTER_ADDR nor SLURM_JOB_NODELIST")
