@@ -32,8 +32,8 @@ def used_networks():
     for line in ip("-o", "-4", "addr", "show").stdout.splitlines():
         nets.append(ipaddress.ip_network(line.split()[3], strict=False))
     for line in ip("-4", "route", "show", "table", "all").stdout.splitlines():
-        dest = line.split()[0] if line.split()[0] not in ("local", "broadcast", "unicast") else line.split()[1]
-        if dest != "default" and dest[0].isdigit():
+        dest = next((t for t in line.split()[:2] if t[0].isdigit()), None)  # after a type: local, unreachable
+        if dest:
             nets.append(ipaddress.ip_network(dest, strict=False))
     return nets
 
