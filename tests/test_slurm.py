@@ -152,3 +152,11 @@ def test_dist_timeout_bounds_the_wait_for_a_missing_rank(tmp_path):
     assert_one_line_error(proc, "rank 0/2: not all ranks met at localhost:", "within --dist_timeout 0.1 min")
     assert re.search(r"Timed out after [5-9] seconds", proc.stderr), proc.stderr
     assert not (tmp_path / "o" / "log.txt").exists()
+
+
+def test_dist_timeout_must_be_positive(tmp_path):
+    env = srun_task_env(0, SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY, "--dist_timeout", "0",
+                           "--output_dir", str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert_one_line_error(proc, "--dist_timeout must be a positive number of minutes, got 0")
