@@ -27,8 +27,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests --ignore=tests/cluster
 
-# A real one-node SLURM cluster (munged, slurmctld, slurmd on 127.0.0.1, started and
-# stopped by the tests) and multi-node torchrun with two agents on this machine.
+# A cluster of separate hosts on this machine (a network + UTS namespace each, one shared
+# file system; needs root): a real SLURM cluster (munged and slurmctld on host ctl, a slurmd
+# on each of node1-3) and torchrun across hosts, all started and removed by the tests.
 # install.sh brings slurm-wlm and munge from Debian (root or sudo; skipped when present).
 test-cluster: venv
 	bash tests/cluster/install.sh

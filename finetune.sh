@@ -20,8 +20,8 @@
 #   mae-h             ViT-H/14: blr 1e-3, layer decay 0.75, drop path 0.3, 50 epochs (FINETUNE.md)
 #   mmae-l            ViT-L/16: blr 5e-4, layer decay 0.65, drop path 0.1, 100 epochs,
 #                     effective batch 2048 (M-MAE finetune.sh)
-# Effective batch = BATCH x GPUs x ACCUM; ACCUM is derived from the recipe's
-# effective batch (rounded up), and lr = blr x effective batch / 256.
+# Effective batch = BATCH x GPUs x ACCUM, kept at the recipe's at any GPU count
+# (util/launch_env.sh plan_batch: BATCH lowered where needed, else refused); lr = blr x effective batch / 256.
 set -euo pipefail
 # Relative DATA, CKPT and OUTPUT_DIR name the caller's folder, not the repository
 # (cd below); paths in extra arguments are relative to the repository.
@@ -51,12 +51,11 @@ if [ -z "${CKPT:-}" ]; then
   echo "error: set CKPT to the pretrained checkpoint (ours or an official MAE file)" >&2; exit 2
 fi
 
-BATCH=${BATCH:-$DEFAULT_BATCH}
-ACCUM=${ACCUM:-$(( (EFF + WORLD * BATCH - 1) / (WORLD * BATCH) ))}
+plan_batch "$EFF" "$DEFAULT_BATCH"
 DATA_ARGS=()
 [ -n "$DATA" ] && DATA_ARGS=(--data_path "$DATA")
 
-exec "${TORCHRUN[@]}" \
+launch "${TORCHRUN[@]}" \
   main_finetune.py \
   --model "$MODEL" --finetune "$CKPT" --global_pool \
   --batch_size "$BATCH" --accum_iter "$ACCUM" --blr "$BLR" --layer_decay "$LD" \

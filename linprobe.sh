@@ -18,8 +18,8 @@
 #   umae / umae-l         blr 0.1 (MAE's), effective batch 8192 (U-MAE README)
 #   mmae / mmae-l         blr 0.05, effective batch 8192 = 256 x 8 GPUs x accum 4
 #                         (M-MAE linprobe script, published for ViT-L; ViT-B assumed the same)
-# Effective batch = BATCH x GPUs x ACCUM; ACCUM is derived from the recipe's
-# effective batch (rounded up), and lr = blr x effective batch / 256.
+# Effective batch = BATCH x GPUs x ACCUM, kept at the recipe's at any GPU count
+# (util/launch_env.sh plan_batch: BATCH lowered where needed, else refused); lr = blr x effective batch / 256.
 set -euo pipefail
 # Relative DATA, CKPT and OUTPUT_DIR name the caller's folder, not the repository
 # (cd below); paths in extra arguments are relative to the repository.
@@ -34,16 +34,16 @@ source util/launch_env.sh
 
 EPOCHS=90; WARMUP=10; EXTRA=()
 case "$RECIPE" in
-  mae)    MODEL=vit_base_patch16;  BLR=0.1;  EFF=16384; BATCH=${BATCH:-512} ;;
-  mae-l)  MODEL=vit_large_patch16; BLR=0.1;  EFF=16384; BATCH=${BATCH:-512} ;;
-  mae-h)  MODEL=vit_huge_patch14;  BLR=0.1;  EFF=16384; BATCH=${BATCH:-512} ;;
-  umae)   MODEL=vit_base_patch16;  BLR=0.1;  EFF=8192;  BATCH=${BATCH:-512} ;;
-  umae-l) MODEL=vit_large_patch16; BLR=0.1;  EFF=8192;  BATCH=${BATCH:-512} ;;
-  mmae)   MODEL=vit_base_patch16;  BLR=0.05; EFF=8192;  BATCH=${BATCH:-256} ;;
-  mmae-l) MODEL=vit_large_patch16; BLR=0.05; EFF=8192;  BATCH=${BATCH:-256} ;;
+  mae)    MODEL=vit_base_patch16;  BLR=0.1;  EFF=16384; DEFAULT_BATCH=512 ;;
+  mae-l)  MODEL=vit_large_patch16; BLR=0.1;  EFF=16384; DEFAULT_BATCH=512 ;;
+  mae-h)  MODEL=vit_huge_patch14;  BLR=0.1;  EFF=16384; DEFAULT_BATCH=512 ;;
+  umae)   MODEL=vit_base_patch16;  BLR=0.1;  EFF=8192;  DEFAULT_BATCH=512 ;;
+  umae-l) MODEL=vit_large_patch16; BLR=0.1;  EFF=8192;  DEFAULT_BATCH=512 ;;
+  mmae)   MODEL=vit_base_patch16;  BLR=0.05; EFF=8192;  DEFAULT_BATCH=256 ;;
+  mmae-l) MODEL=vit_large_patch16; BLR=0.05; EFF=8192;  DEFAULT_BATCH=256 ;;
   # CPU demo on the synthetic images of `make demo` (ViT-Tiny width, 32x32, 4x4 patches);
   # a larger lr than MAE's because LARS steps are tiny at this batch size.
-  demo)   MODEL=vit_tiny_patch16;  BLR=0.1;  EFF=64;    BATCH=${BATCH:-64}
+  demo)   MODEL=vit_tiny_patch16;  BLR=0.1;  EFF=64;  DEFAULT_BATCH=64
           CKPT=${CKPT:-output_demo/checkpoint-5.pth}
           EPOCHS=5; WARMUP=1
           EXTRA=(--input_size 32 --patch_size 4 --synthetic_size 1024 --lr 5 --num_workers 2
@@ -54,11 +54,11 @@ if [ -z "${CKPT:-}" ]; then
   echo "error: set CKPT to the pretrained checkpoint (ours or an official MAE file)" >&2; exit 2
 fi
 
-ACCUM=${ACCUM:-$(( (EFF + WORLD * BATCH - 1) / (WORLD * BATCH) ))}
+plan_batch "$EFF" "$DEFAULT_BATCH"
 DATA_ARGS=()
 [ -n "$DATA" ] && DATA_ARGS=(--data_path "$DATA")
 
-exec "${TORCHRUN[@]}" \
+launch "${TORCHRUN[@]}" \
   main_linprobe.py \
   --model "$MODEL" --finetune "$CKPT" --cls_token \
   --batch_size "$BATCH" --accum_iter "$ACCUM" --blr "$BLR" --weight_decay 0 \

@@ -35,9 +35,8 @@ LAMB=${LAMB:-1e-2}
 DATA=${DATA:-}
 source util/launch_env.sh
 
-# 8 x 128 = 1024 images per update; keep it at other GPU counts with accum_iter.
-BATCH=${BATCH:-128}
-ACCUM=${ACCUM:-$(( (1024 + WORLD * BATCH - 1) / (WORLD * BATCH) ))}
+# 8 x 128 = 1024 images per update at any GPU count: 16 GPUs x 64, 1 GPU x 128 x accum 8.
+plan_batch 1024 128
 
 case "$RECIPE" in
   mae)    MODEL=mae_vit_base_patch16;  REG=(--reg none) ;;
@@ -52,7 +51,7 @@ esac
 DATA_ARGS=()
 [ -n "$DATA" ] && DATA_ARGS=(--data_path "$DATA")
 
-exec "${TORCHRUN[@]}" \
+launch "${TORCHRUN[@]}" \
   main_pretrain.py \
   --model "$MODEL" --batch_size "$BATCH" --accum_iter "$ACCUM" \
   --epochs 200 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 \

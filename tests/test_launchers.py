@@ -28,3 +28,56 @@ def test_pretrain_sh_mmae_large_recipe_runs(tmp_path):
 def test_pretrain_sh_unknown_recipe(tmp_path):
     proc = run_sh("pretrain.sh", tmp_path, "simclr")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: unknown RECIPE")
+
+
+def dry_run(script, nnodes, gpus, recipe, **env):
+    """The launcher's plan and torchrun command for NNODES x GPUS_PER_NODE, without GPUs."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("BATCH", "ACCUM", "EFF_BATCH")}
+    full_env.update({"RECIPE": recipe, "NNODES": str(nnodes), "NODE_RANK": "1", "MASTER_ADDR": "node0",
+                     "GPUS_PER_NODE": str(gpus), "PYTHON": sys.executable, "DRY_RUN": "1",
+                     "CKPT": "pretrained.pth", **env})
+    return subprocess.run(["bash", os.path.join(REPO, script)], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def planned(proc):
+    assert proc.returncode == 0, proc.stderr
+    plan, cmd = proc.stdout.splitlines()
+    cmd = cmd.split()
+    value = {k: cmd[cmd.index(k) + 1] for k in ("--batch_size", "--accum_iter", "--nnodes", "--node_rank",
+                                                  "--nproc_per_node", "--master_addr")}
+    return plan, value
+
+
+def test_two_nodes_of_eight_gpus_keep_each_recipes_effective_batch():
+    cases = [("pretrain.sh", "mmae", 1024, "64", "1"),     # 8 x 128 on one node
+             ("linprobe.sh", "mae", 16384, "512", "2"),    # 8 x 512 x accum 4 on one node
+             ("linprobe.sh", "mmae", 8192, "256", "2"),
+             ("finetune.sh", "mmae-l", 2048, "128", "1"),
+             ("finetune.sh", "mae", 1024, "64", "1")]
+    for script, recipe, eff, batch, accum in cases:
+        plan, value = planned(dry_run(script, 2, 8, recipe))
+        assert value["--batch_size"] == batch and value["--accum_iter"] == accum, (script, recipe, value)
+        assert int(batch) * 16 * int(accum) == eff
+        assert plan.startswith(f"effective batch {eff} = {batch} per GPU x 16 GPUs (2 nodes x 8) x accum {accum}")
+        assert value["--nnodes"] == "2" and value["--node_rank"] == "1" and value["--master_addr"] == "node0"
+    plan, value = planned(dry_run("pretrain.sh", 1, 1, "mae"))  # one GPU: accumulate
+    assert (value["--batch_size"], value["--accum_iter"]) == ("128", "8"), plan
+
+
+def test_effective_batch_that_cannot_be_kept_is_refused():
+    proc = dry_run("pretrain.sh", 2, 3, "mae")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: effective batch 1024 is not a multiple of 6 GPUs") and "BATCH" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    proc = dry_run("pretrain.sh", 2, 8, "mae", BATCH="48")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: BATCH=48 x 16 GPUs x ACCUM=1 is not")
+    plan, value = planned(dry_run("pretrain.sh", 2, 8, "mae", BATCH="32"))  # kept by accumulating
+    assert (value["--batch_size"], value["--accum_iter"]) == ("32", "2"), plan
+
+
+def test_several_nodes_need_a_master_address_that_is_not_loopback():
+    for addr in ("", "127.0.0.1", "localhost"):
+        proc = dry_run("pretrain.sh", 2, 1, "mae", MASTER_ADDR=addr)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: NNODES=2 needs MASTER_ADDR")

@@ -1,9 +1,13 @@
 """The SLURM launcher (sbatch + srun, one task per GPU or CPU tasks) and the SLURM rank
 variables. Jobs on a real SLURM cluster: tests/cluster/ (`make test-cluster`)."""
 import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
 from conftest import REPO, TINY, assert_one_line_error, free_port, run_script
@@ -78,22 +82,51 @@ def test_launcher_path_problems(tmp_path):
                               "sbatch not found")
 
 
-def test_ranks_from_slurm_variables(tmp_path):
-    """Two tasks started as srun would (SLURM_PROCID/NTASKS/LOCALID) form one gloo job."""
+def srun_task_env(rank, **extra):
+    """The variables srun gives task `rank` of a 2-task step (no MASTER_ADDR: none is set by srun)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM")}
+    env.update(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_NTASKS="2",
+               SLURM_LOCALID=str(rank), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
+    return env
+
+
+def test_ranks_and_master_from_slurm_variables(tmp_path):
+    """Two tasks started as `srun -n 2 python main_pretrain.py` would (SLURM_PROCID/NTASKS/
+    LOCALID, the step's node list, no MASTER_ADDR) form one gloo job at the first host."""
     port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY,
-                                       "--batch_size", "8", "--output_dir", str(tmp_path / "o")],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY,
+                               "--batch_size", "8", "--output_dir", str(tmp_path / "o")], cwd=REPO,
+                              env=srun_task_env(rank, SLURM_STEP_NODELIST="localhost,otherhost", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "world size 2" in outs[0][0]
+    assert "distributed init rank 0/2 backend gloo" in outs[0][0] and "rank 1/2" in outs[1][0]
     state = torch.load(tmp_path / "o" / "checkpoint-0.pth", weights_only=True)
     assert len(state["rng"]) == 2  # one RNG state per rank
+
+
+@pytest.mark.parametrize("script", ["main_pretrain.py", "main_linprobe.py", "main_finetune.py"])
+def test_srun_tasks_without_a_node_list_fail_at_once(script, tmp_path):
+    """The entry points share util/dist.py's init: none trains alone as a world-size-1 run."""
+    args = TINY if script == "main_pretrain.py" else ["--model", "vit_tiny_patch16", "--synthetic_size", "8"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *args,
+                           "--output_dir", str(tmp_path / "o")], cwd=REPO, env=srun_task_env(0),
+                          capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, "srun started 2 tasks but neither MASTER_ADDR nor SLURM_JOB_NODELIST")
+    assert not (tmp_path / "o" / "log.txt").exists()
+
+
+def test_first_host_of_a_slurm_node_list(monkeypatch):
+    from util import dist
+    cases = {"node1": "node1", "node[1-2]": "node1", "gpu[003-005,9],cpu1": "gpu003", "a,b[1-2]": "a",
+             "rack[2-3]-n[07,09]": "rack2-n07"}
+    monkeypatch.setattr(dist.shutil, "which", lambda name: None)  # the parser, without scontrol
+    assert {k: dist.first_host(k) for k in cases} == cases
+    monkeypatch.undo()
+    if shutil.which("scontrol"):  # scontrol show hostnames agrees
+        assert {k: dist.first_host(k) for k in cases} == cases
 
 
 def test_output_dir_that_is_a_file(tmp_path, tiny_args):
@@ -105,3 +138,25 @@ def test_output_dir_that_is_a_file(tmp_path, tiny_args):
     assert_one_line_error(run_script("main_pretrain.py", *tiny_args, "--output_dir", afile / "run"),
                           f"({afile} is a file)")
     assert afile.read_text() == "keep"
+
+
+def test_dist_timeout_bounds_the_wait_for_a_missing_rank(tmp_path):
+    """Rank 1 never comes (a lost host): rank 0 gives up after --dist_timeout minutes
+    instead of torch's default 10 (ours: 30) and exits non-zero."""
+    env = srun_task_env(0, SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(free_port()))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY, "--dist_timeout", "0.1",
+                           "--output_dir", str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert time.time() - t0 < 120
+    assert_one_line_error(proc, "rank 0/2: not all ranks met at localhost:", "within --dist_timeout 0.1 min")
+    assert re.search(r"Timed out after [5-9] seconds", proc.stderr), proc.stderr
+    assert not (tmp_path / "o" / "log.txt").exists()
+
+
+def test_dist_timeout_must_be_positive(tmp_path):
+    env = srun_task_env(0, SLURM_STEP_NODELIST="localhost", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY, "--dist_timeout", "0",
+                           "--output_dir", str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert_one_line_error(proc, "--dist_timeout must be a positive number of minutes, got 0")

@@ -84,6 +84,8 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     g.add_argument("--dist_url", default="env://")
     g.add_argument("--world_size", default=None, type=int,
                    help="MAE's flag, accepted and ignored: the number of processes comes from torchrun / SLURM")
+    g.add_argument("--dist_timeout", default=30, type=float,
+                   help="minutes a rank waits for the others (a rank-0 checkpoint write, a lost host)")
     return parser
 
 

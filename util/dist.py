@@ -1,13 +1,20 @@
 """torch.distributed helpers. Launch with torchrun (which sets RANK, WORLD_SIZE,
 LOCAL_RANK) or with srun/submitit under SLURM (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID plus MASTER_ADDR/MASTER_PORT); a plain `python` run is one process."""
+SLURM_LOCALID; MASTER_ADDR defaults to the allocation's first host and MASTER_PORT
+to 15000 + job id % 10000); a plain `python` run is one process."""
 import builtins
 import datetime
 import os
+import re
+import shutil
+import socket
+import subprocess
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+
+from util.errors import UserError
 
 
 def is_dist():
@@ -44,6 +51,30 @@ def _silence_non_main(is_master):
     builtins.print = print
 
 
+def first_host(nodelist):
+    """The first host of a SLURM hostlist ("node[03-05,9],gpu1" -> "node03"):
+    `scontrol show hostnames` where installed, else the common forms parsed here."""
+    if shutil.which("scontrol"):
+        proc = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode == 0 and proc.stdout.split():
+            return proc.stdout.split()[0]
+    first = re.match(r"[^,\[]*(\[[^\]]*\][^,\[]*)*", nodelist).group(0)  # up to the first top-level comma
+    return re.sub(r"\[([^\],-]*)[^\]]*\]", r"\1", first)  # each [a-b,c] -> a
+
+
+def _slurm_rendezvous(env):
+    """MASTER_ADDR/MASTER_PORT for the tasks of one srun step, the same on every task."""
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise UserError(f"srun started {env['SLURM_NTASKS']} tasks but neither MASTER_ADDR nor "
+                            "SLURM_JOB_NODELIST is set: export MASTER_ADDR=<first host of the job>")
+        env["MASTER_ADDR"] = first_host(nodelist)
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", 0)) % 10000)  # as submit_slurm.py
+
+
 def init_distributed_mode(args):
     """Initialise the process group from the launcher's environment (NCCL on CUDA,
     gloo on CPU) and return this process's torch.device (cuda:LOCAL_RANK under a
@@ -56,10 +87,10 @@ def init_distributed_mode(args):
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", max(getattr(args, "local_rank", 0), 0)))  # or --local-rank
-    elif "SLURM_PROCID" in env and "MASTER_ADDR" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+    elif "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:  # a task of `srun -n N` (N > 1)
         rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_PORT", "29500")
+        _slurm_rendezvous(env)
     else:
         _silence_non_main(True)
         device = torch.device(args.device)
@@ -72,10 +103,20 @@ def init_distributed_mode(args):
         device = torch.device("cuda", local % torch.cuda.device_count())  # srun may bind one GPU per task
         torch.cuda.set_device(device)
     backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
-                            world_size=world_size, rank=rank)
+    # the timeout bounds a wait for a rank that is gone or slow (a big checkpoint write, a cold
+    # compile); device_id binds NCCL to this rank's GPU up front
+    minutes = getattr(args, "dist_timeout", 30)
+    if minutes <= 0:
+        raise UserError(f"--dist_timeout must be a positive number of minutes, got {minutes:g}")
+    try:
+        dist.init_process_group(backend=backend, init_method=getattr(args, "dist_url", "env://"),
+                                world_size=world_size, rank=rank, device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(minutes=minutes))
+    except dist.DistStoreError as e:  # a rank that never came: name where they were to meet
+        raise UserError(f"rank {rank}/{world_size}: not all ranks met at {env.get('MASTER_ADDR')}:"
+                        f"{env.get('MASTER_PORT')} within --dist_timeout {minutes:g} min ({e})") from None
     _silence_non_main(rank == 0)
-    print(f"| distributed init rank {rank}/{world_size} backend {backend}", force=True)
+    print(f"| distributed init rank {rank}/{world_size} backend {backend} on {socket.gethostname()}", force=True)
     dist.barrier()
     return device
 
