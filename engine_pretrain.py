@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from loss_func import regularizer_loss
-from util.accumulation import accumulation_groups, maybe_no_sync
+from util.accumulation import accumulation_groups, maybe_no_sync, sync_steps
 from util.amp import autocast
 from util.dist import get_world_size
 from util.lr_sched import adjust_learning_rate
@@ -81,6 +81,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
     start = run.start_step(epoch)
     num_steps = start + len(data_loader)
     groups = accumulation_groups(num_steps, args.accum_iter)
+    skipped = {s for e, s in run.skip_steps if e == epoch}  # stepped over after a non-finite loss (--nan_retries)
+    syncs = sync_steps(num_steps, args.accum_iter, skipped)  # DDP all-reduces in these steps' backward
     exact = exact_accumulation(args)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     logger, guard = MetricLogger(run.totals_for(epoch)), NonFiniteGuard(epoch, device)
@@ -102,14 +104,14 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
             if step > start:
                 saver.at_step_boundary(epoch, step, logger, guard)
             lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
-        if (epoch, step) not in run.skip_steps:  # stepped over after a non-finite loss (--nan_retries)
+        if step not in skipped:
             pending.append((step, samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)))
         if exact and not last:
             continue  # the exact regulariser needs the features of the whole group first
         cache = regulariser_grads(model_without_ddp, pending, group_size, args) if exact and pending else None
         for i, (at, samples, targets) in enumerate(pending):
             noise, reg_grad, loss_reg = cache[i] if cache else (None, None, None)
-            with maybe_no_sync(model, sync=last and i + 1 == len(pending)):  # DDP reduces at the group's end
+            with maybe_no_sync(model, sync=at in syncs):
                 loss, parts, logits = compute_losses(model, samples, targets, args, noise, reg_grad, loss_reg)
                 scaler.scale(loss / group_size).backward()
             guard.record(at, loss.detach())

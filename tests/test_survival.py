@@ -1,6 +1,7 @@
 """Surviving kills: auto-resume, crash-safe checkpoints, exact continuation,
 preemption, non-finite retries and safe loading."""
 import datetime
+import json
 import os
 import random
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, free_port, run_script
@@ -186,3 +188,15 @@ def test_finetune_nonfinite_retry(tmp_path):
     stdout, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert "non-finite loss at epoch 1 step 1" in stdout and "skipping epoch 1 step 1" in stdout
+
+
+@pytest.mark.parametrize("accum_reg,skips,steps", [("micro", "1", 2), ("exact", "1", 2), ("micro", "2,3", 1)])
+def test_skipped_group_end_keeps_ddp_replicas_equal(tmp_path, accum_reg, skips, steps):
+    """A skipped last micro-step of a group: the group's last step that runs all-reduces,
+    so both ranks step on the same gradient (a fully skipped group steps on neither)."""
+    out = tmp_path / "res.json"
+    proc = run_script("tests/skip_group_end_worker.py", accum_reg, skips, out, torchrun=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["moved"] > 1e-4 and res["steps"] == steps
+    assert res["max_diff_across_ranks"] == 0.0
