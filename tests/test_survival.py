@@ -200,3 +200,48 @@ def test_skipped_group_end_keeps_ddp_replicas_equal(tmp_path, accum_reg, skips, 
     res = json.loads(out.read_text())
     assert res["moved"] > 1e-4 and res["steps"] == steps
     assert res["max_diff_across_ranks"] == 0.0
+
+
+def test_rank0_chooses_the_checkpoint_every_rank_resumes_from(tmp_path):
+    for rank, epochs in ((0, [0]), (1, [0, 1])):  # rank 1 sees a newer file than rank 0
+        (tmp_path / f"rank{rank}").mkdir()
+        for e in epochs:
+            torch.save({"epoch": e}, tmp_path / f"rank{rank}" / f"checkpoint-{e}.pth")
+    out = tmp_path / "chosen.json"
+    proc = run_script("tests/resume_choice_worker.py", tmp_path, out, torchrun=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = str(tmp_path / "rank0" / "checkpoint-0.pth")
+    assert json.loads(out.read_text()) == [[want, 0, want], [want, 0, want]]
+
+
+def test_checkpoints_load_memory_mapped_and_round_trip(tmp_path, monkeypatch):
+    """Resume maps the file (tensors read as used, not the whole file into each rank's RAM),
+    loads the same values, and training on them never writes into the checkpoint."""
+    from util.checkpoint import load_checkpoint
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = str(tmp_path / "checkpoint-0.pth")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0}, path)
+    on_disk = open(path, "rb").read()
+    state = load_checkpoint(path)
+    assert path in open("/proc/self/maps").read()  # mapped, not read
+    assert state["epoch"] == 0 and all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
+    again = torch.nn.Linear(4, 3)
+    opt2 = torch.optim.AdamW(again.parameters(), lr=0.1)
+    again.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optimizer"])  # CPU state may stay backed by the mapped file
+    again(torch.randn(2, 4)).sum().backward()
+    opt2.step()
+    assert open(path, "rb").read() == on_disk  # copy-on-write: the checkpoint is untouched
+    # a file system that cannot map files falls back to a plain load
+    plain = torch.load
+
+    def no_mmap(*a, mmap=None, **k):
+        if mmap:
+            raise RuntimeError("mmap not supported")
+        return plain(*a, **k)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    assert torch.equal(load_checkpoint(path)["model"]["weight"], model.weight.detach())

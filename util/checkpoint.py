@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from util import preempt
-from util.dist import all_gather_object, any_rank, barrier, get_rank, is_dist, is_main_process
+from util.dist import all_gather_object, any_rank, barrier, broadcast_object, get_rank, is_dist, is_main_process
 from util.errors import UserError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
@@ -69,7 +69,7 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} is truncated or corrupt (not a torch zip archive)")
     try:
         with _allowing(argparse.Namespace):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _load_mapped(path)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"checkpoint {path} holds pickled objects and is refused "
@@ -80,6 +80,16 @@ def load_checkpoint(path):
     if isinstance(state, dict) and isinstance(state.get("args"), argparse.Namespace):
         state["args"] = vars(state["args"])
     return state
+
+
+def _load_mapped(path):
+    """torch.load memory-mapping the file: tensors are read from it as they are used
+    (copy-on-write), so a resume does not first read the whole file into every rank's
+    RAM. A file system that cannot map files gets a plain load."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError):  # no mmap here, or a corrupt file (the plain load says which)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _allowing(*types):
@@ -138,15 +148,26 @@ def list_checkpoints(output_dir):
 
 def find_resume_checkpoint(args, newest=False):
     """The checkpoint to continue from: --resume, else with --auto_resume (or newest)
-    the newest readable one in output_dir (a corrupt newest file is reported and skipped)."""
+    the newest readable one in output_dir (a corrupt newest file is reported and skipped).
+    Rank 0 looks and every rank loads its choice: ranks listing a network file system
+    can see different newest files."""
     if args.resume and not newest:
         return args.resume, load_checkpoint(args.resume)
     if not (args.auto_resume or newest):
-        if list_checkpoints(args.output_dir):
+        if broadcast_object(bool(list_checkpoints(args.output_dir))):
             raise UserError(f"{args.output_dir} already holds checkpoints; pass --auto_resume or "
                             "--resume, or choose another --output_dir (nothing was overwritten)")
         return None, None
-    for path, _, _ in list_checkpoints(args.output_dir):
+    path, state = newest_readable(args.output_dir) if is_main_process() else (None, None)
+    path = broadcast_object(path)
+    if path is not None and state is None:
+        state = load_checkpoint(path)
+    return path, state
+
+
+def newest_readable(output_dir):
+    """(path, state) of the newest checkpoint in output_dir that loads, or (None, None)."""
+    for path, _, _ in list_checkpoints(output_dir):
         try:
             return path, load_checkpoint(path)
         except UserError as e:

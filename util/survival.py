@@ -8,7 +8,7 @@ import torch
 
 from util import preempt
 from util.checkpoint import list_checkpoints
-from util.dist import all_reduce_min
+from util.dist import all_reduce_min, broadcast_object
 from util.errors import UserError
 
 
@@ -51,7 +51,7 @@ def run_with_retries(args, run, train, reload):
         try:
             return train()
         except NonFiniteLoss as e:
-            if retries >= args.nan_retries or not list_checkpoints(args.output_dir):
+            if retries >= args.nan_retries or not broadcast_object(bool(list_checkpoints(args.output_dir))):
                 raise
             retries += 1
             print(f"{e}\nretry {retries}/{args.nan_retries}: reloading the last checkpoint, "
