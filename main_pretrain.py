@@ -99,16 +99,17 @@ def build_train_loader(args, device):
     """MAE's augmentation in the DataLoader workers (by default util/jpeg.py's fast decode
     + crop, normalised on the device; --fast_decode false: all PIL) or, with --gpu_decode,
     split: file reads and crop boxes in the workers, decode + crop + resize + flip +
-    normalise on the device (util/gpu_aug.py, same semantics)."""
+    normalise on the device (util/gpu_aug.py, same semantics). Batches: (images, targets,
+    each sample's mask seed), see util.datasets.mask_noise."""
     if not args.gpu_decode:
         dataset, normalize = build_train_set(args, pretrain_transform(args.input_size))
         check_nb_classes(args, dataset)
-        return on_device(train_loader(dataset, args, seed=args.seed), normalize, device)
+        return on_device(train_loader(dataset, args, seed=args.seed, mask_seeds=True), normalize, device)
     if args.data_path is None or args.dataset not in (None, "imagefolder"):
         raise UserError("--gpu_decode needs an ImageFolder --data_path (it decodes the image files)")
     dataset = build_dataset(args, "train", PlanCrop(), loader=read_encoded)
     check_nb_classes(args, dataset)
-    loader = train_loader(dataset, args, seed=args.seed, collate_fn=collate_encoded)
+    loader = train_loader(dataset, args, seed=args.seed, collate_fn=collate_encoded, mask_seeds=True)
     return DeviceDecodeLoader(loader, args.input_size, device)
 
 

@@ -244,8 +244,9 @@ def assert_close_batches(fast_loader, plain_loader, mean, worst=None, epochs=(0,
     for epoch in epochs:
         fast_loader.sampler.set_epoch(epoch)
         plain_loader.sampler.set_epoch(epoch)
-        for (got, t_got), (want, t_want) in zip(fast_loader, plain_loader):
+        for (got, t_got, *s_got), (want, t_want, *s_want) in zip(fast_loader, plain_loader):
             assert torch.equal(t_got, t_want)  # same order and labels
+            assert len(s_got) == len(s_want) and all(torch.equal(a, b) for a, b in zip(s_got, s_want))  # mask seeds
             assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
             diff = (got - want).abs() * 0.226 * 255  # in levels of 255
             assert diff.mean() < mean, (epoch, diff.mean())

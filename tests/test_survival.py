@@ -1,9 +1,11 @@
 """Surviving kills: auto-resume, crash-safe checkpoints, exact continuation,
 preemption, non-finite retries and safe loading."""
 import datetime
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +69,10 @@ def kill_group(proc, sig):
 
 def final_model(out):
     return torch.load(os.path.join(out, "checkpoint-1.pth"), weights_only=True)["model"]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def assert_same_weights(a, b):
@@ -245,3 +251,53 @@ def test_checkpoints_load_memory_mapped_and_round_trip(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", no_mmap)
     assert torch.equal(load_checkpoint(path)["model"]["weight"], model.weight.detach())
+
+
+# ---- resume on another number of processes ------------------------------------------------------
+# effective batch 16 = 8 x accum 1 x 2 processes = 8 x accum 2 x 1 process; 4 updates per epoch
+WORLD_RUN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--batch_size", "8",
+             "--synthetic_size", "64", "--num_workers", "0", "--epochs", "2", "--warmup_epochs", "1",
+             "--print_freq", "2", "--val_interval", "0", "--vis_every", "0", "--save_every_steps", "2",
+             "--keep_last", "20", "--reg", "tcr", "--lamb", "0.1", "--blr", "1e-3"]
+ON = {2: ["--accum_iter", "1"], 1: ["--accum_iter", "2"]}
+
+
+def pretrain(out, world, *extra):
+    proc = run_script("main_pretrain.py", *WORLD_RUN, *ON[world], "--output_dir", out, *extra, torchrun=world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_close_weights(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=atol), (k, (a[k] - b[k]).abs().max().item())
+
+
+def test_resume_on_another_world_size_matches_uninterrupted(tmp_path):
+    """Stopped mid-epoch at 2 processes, resumed at 1 x accum 2 (and 1 -> 2): the same samples,
+    crops and masks, the same weights up to float reduction order, as the uninterrupted runs."""
+    full = {w: tmp_path / f"full{w}" for w in (1, 2)}
+    for w in (1, 2):
+        pretrain(full[w], w)
+    cuts = {(2, 1): "checkpoint-0-step2.pth", (1, 2): "checkpoint-0-step6.pth"}  # samples 32 and 48 of 64
+    for (w, w2), name in cuts.items():
+        cut = tmp_path / f"cut{w}to{w2}"
+        cut.mkdir()
+        shutil.copy(full[w] / name, cut / name)
+        proc = pretrain(cut, w2)
+        step = {(2, 1): 4, (1, 2): 3}[(w, w2)]
+        assert f"starting at epoch 0 step {step}" in proc.stdout
+        assert_close_weights(final_model(cut), final_model(full[w]))
+        assert_close_weights(final_model(cut), final_model(full[w2]))
+    # the runs at 1 and 2 processes saw the same samples and masks in the same updates
+    assert_close_weights(final_model(full[1]), final_model(full[2]))
+
+
+def test_resume_with_another_effective_batch_is_refused(tmp_path):
+    out = tmp_path / "run"
+    pretrain(out, 2, "--epochs", "1")
+    before = {p: digest(p) for p, _, _ in list_checkpoints(str(out))}
+    proc = run_script("main_pretrain.py", *WORLD_RUN, "--accum_iter", "1", "--output_dir", out)  # 8 x 1 x 1
+    assert_one_line_error(proc, "effective batch 16", "this run's is 8", "--accum_iter 2")
+    assert {p: digest(p) for p, _, _ in list_checkpoints(str(out))} == before

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from util import preempt
-from util.dist import all_gather_object, any_rank, barrier, broadcast_object, get_rank, is_dist, is_main_process
+from util.dist import (all_gather_object, any_rank, barrier, broadcast_object, get_rank, get_world_size, is_dist,
+                       is_main_process)
 from util.errors import UserError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
@@ -207,15 +208,18 @@ class RunState:
 
 
 def save_training(args, epoch, model, optimizer, scaler, step=None, run=None, logger_totals=None):
-    """Everything needed to continue: model, optimizer, grad scaler, position,
-    args (plain dict), the run's skipped steps, the epoch's metric sums so far and
-    every rank's RNG states. step=None marks the end of `epoch`; otherwise the run
+    """Everything needed to continue: model, optimizer, grad scaler, position (in
+    steps of global_batch samples, with the effective batch, so that a run on another
+    world size continues at the same sample), args (plain dict), the run's skipped
+    steps, the epoch's metric sums so far and every rank's RNG states. step=None marks the end of `epoch`; otherwise the run
     continues at `step` of `epoch`. Old checkpoints beyond --keep_last are removed,
     except every --save_every-th epoch's. Returns the path written."""
     done = epoch if step is None else epoch - 1  # last completed epoch (MAE's 'epoch')
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "epoch": done,
              "next_epoch": done + 1 if step is None else epoch, "next_step": step or 0,
+             "global_batch": args.batch_size * get_world_size(),  # samples per step over all ranks
+             "effective_batch": args.batch_size * args.accum_iter * get_world_size(),
              "args": plain_args(args), "rng": gather_rng_states(),
              "skip_steps": sorted(list(s) for s in (run.skip_steps if run else ())),
              "logger_totals": logger_totals}
@@ -262,8 +266,8 @@ def resume_training(args, model, optimizer, scaler, run=None):
             rngs = state.get("rng") or []
             if get_rank() < len(rngs):
                 set_rng_state(rngs[get_rank()])
-            fresh = RunState(epoch=state.get("next_epoch", state["epoch"] + 1), step=state.get("next_step", 0),
-                             skip_steps={tuple(s) for s in state.get("skip_steps", [])},
+            step, skip_steps = position_here(state, args, path)
+            fresh = RunState(epoch=state.get("next_epoch", state["epoch"] + 1), step=step, skip_steps=skip_steps,
                              logger_totals=state.get("logger_totals"))
             print(f"resumed from {path}; starting at epoch {fresh.epoch} step {fresh.step}")
     if run is None:
@@ -271,6 +275,31 @@ def resume_training(args, model, optimizer, scaler, run=None):
     run.epoch, run.step, run.logger_totals = fresh.epoch, fresh.step, fresh.logger_totals
     run.skip_steps |= fresh.skip_steps
     return run
+
+
+def position_here(state, args, path):
+    """The checkpoint's next step and skipped (epoch, step)s in this run's steps of
+    batch_size x world samples (the saved run may have had another world size; the
+    sampler's global batches make step k samples [k*B*W, (k+1)*B*W) at any size).
+    Refuses another effective batch: it would change every update and the lr."""
+    per_step, world = args.batch_size * get_world_size(), get_world_size()
+    here = per_step * args.accum_iter
+    saved = state.get("effective_batch", here)  # older checkpoints do not say
+    if saved != here:
+        fix = (f"--accum_iter {saved // per_step}" if saved % per_step == 0 else
+               f"--batch_size and --accum_iter with batch_size x accum_iter x {world} = {saved}" if saved % world == 0
+               else f"a number of processes that divides {saved}")
+        raise UserError(f"checkpoint {path} was trained with effective batch {saved} (batch_size x accum_iter x "
+                        f"processes), this run's is {here} ({args.batch_size} x {args.accum_iter} x {world}): "
+                        f"resume with the same, e.g. {fix}")
+    unit = state.get("global_batch", per_step)
+    sample = state.get("next_step", 0) * unit
+    if sample % per_step:  # checkpoints are taken at group starts: a multiple of the effective batch
+        raise UserError(f"checkpoint {path} stopped at sample {sample} of its epoch, not a multiple of this run's "
+                        f"{per_step} samples per step")
+    skips = {(e, k) for e, s in state.get("skip_steps", [])  # the steps now holding a skipped step's samples
+             for k in range(s * unit // per_step, -(-(s + 1) * unit // per_step))}
+    return sample // per_step, skips
 
 
 def load_scaler_state(scaler, saved, path):

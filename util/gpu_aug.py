@@ -100,5 +100,5 @@ class DeviceDecodeLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for datas, params, targets in self.loader:
-            yield decode_augment(datas, params, self.input_size, self.device), targets
+        for datas, params, *rest in self.loader:  # rest: targets (and mask seeds)
+            yield decode_augment(datas, params, self.input_size, self.device), *rest
