@@ -268,10 +268,10 @@ def pretrain(out, world, *extra):
     return proc
 
 
-def assert_close_weights(a, b, atol=1e-5):
+def assert_close_weights(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=atol), (k, (a[k] - b[k]).abs().max().item())
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, (a[k] - b[k]).abs().max().item())
 
 
 def test_resume_on_another_world_size_matches_uninterrupted(tmp_path):
