@@ -1,8 +1,8 @@
 """Pretraining: one epoch of masked-autoencoder steps, in the order they happen.
 
-Per step: lr for this iteration -> batch and its mask noise (one generator per
-sample, seeded by the loader: the masks follow the samples, not the ranks) to the
-device -> masked forward under
+Per step: lr for this iteration -> batch and its mask noise (drawn in the loader,
+per sample: the masks follow the samples, not the ranks) to the device -> masked
+forward under
 autocast (reconstruction loss on the masked patches, pooled encoder features,
 online head's logits on the detached features) -> regulariser on the global
 batch of features (U-MAE uniformity or M-MAE TCR) -> total = mae + lamb * reg +
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from loss_func import regularizer_loss
 from util.accumulation import accumulation_groups, maybe_no_sync, sync_steps
 from util.amp import autocast
-from util.datasets import mask_noise
 from util.dist import get_world_size
 from util.lr_sched import adjust_learning_rate
 from util.metric_logger import MetricLogger
@@ -26,7 +25,7 @@ from util.survival import NonFiniteGuard
 
 def compute_losses(model, samples, targets, args, noise=None, reg_grad=None, loss_reg=None):
     """The forward of one step: (loss to back-propagate, dict of detached loss parts,
-    online logits). `noise` fixes the mask (tests, benchmarks, the exact accumulation);
+    online logits). `noise` fixes the mask (each sample's, from the loader; tests);
     None draws a random one. With `reg_grad` (exact regulariser under accumulation,
     see regulariser_grads) the regulariser's gradient w.r.t. these features was already
     computed on the whole group: the loss then carries <features, reg_grad> in its place
@@ -89,7 +88,6 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
     syncs = sync_steps(num_steps, args.accum_iter, skipped)  # DDP all-reduces in these steps' backward
     exact = exact_accumulation(args)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    num_patches = model_without_ddp.patch_embed.num_patches
     logger, guard = MetricLogger(run.totals_for(epoch)), NonFiniteGuard(epoch, device)
 
     def on_flush(step, values):  # every print_freq steps: the one host sync
@@ -103,16 +101,16 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
     pending = []  # the group's batches not yet run: one at a time, or the whole group when exact
     batches = logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]", total=num_steps, start=start,
                                on_flush=on_flush, batch_size=args.batch_size * get_world_size())
-    for step, (samples, targets, *seeds) in enumerate(batches, start=start):
+    for step, (samples, targets, *noise) in enumerate(batches, start=start):
         first, last, group_size = groups[step]
         if first:
             if step > start:
                 saver.at_step_boundary(epoch, step, logger, guard)
             lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
         if step not in skipped:
-            # each sample's mask from its own seed (the loader's), the same at any world size;
-            # batches of (samples, targets) alone (benchmarks) get masks drawn in the model
-            noise = mask_noise(seeds[0], num_patches).to(device, non_blocking=True) if seeds else None
+            # the loader's per-sample mask noise; batches of (samples, targets) alone (benchmarks)
+            # get masks drawn in the model
+            noise = noise[0].to(device, non_blocking=True) if noise else None
             pending.append((step, samples.to(device, non_blocking=True), targets.to(device, non_blocking=True),
                             noise))
         if exact and not last:

@@ -246,7 +246,7 @@ def assert_close_batches(fast_loader, plain_loader, mean, worst=None, epochs=(0,
         plain_loader.sampler.set_epoch(epoch)
         for (got, t_got, *s_got), (want, t_want, *s_want) in zip(fast_loader, plain_loader):
             assert torch.equal(t_got, t_want)  # same order and labels
-            assert len(s_got) == len(s_want) and all(torch.equal(a, b) for a, b in zip(s_got, s_want))  # mask seeds
+            assert len(s_got) == len(s_want) and all(torch.equal(a, b) for a, b in zip(s_got, s_want))  # mask noise
             assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
             diff = (got - want).abs() * 0.226 * 255  # in levels of 255
             assert diff.mean() < mean, (epoch, diff.mean())
@@ -352,14 +352,15 @@ def test_train_sampler_global_batches_do_not_depend_on_the_world_size():
 def test_mask_noise_follows_the_sample_and_keeps_maes_masking():
     from models_mae import MaskedAutoencoderViT
     from util.datasets import SyntheticImages, mask_noise
-    ds = EpochSeeded(SyntheticImages(4, image_size=8), seed=5, mask_seeds=True)
-    _, target, seed = ds[(2, 1)]
-    assert ds[(2, 1)][2] == seed and ds[(3, 1)][2] != seed and ds[(2, 2)][2] != seed
-    assert (target, ds.mask_seeds) == (ds.dataset[1][1], True)
-    assert torch.equal(mask_noise([seed], 16), mask_noise([seed], 16))  # the same mask at any rank
+    crop = transforms.Compose([transforms.RandomResizedCrop(8), transforms.ToTensor()])
+    ds = EpochSeeded(SyntheticImages(4, image_size=16, transform=crop), seed=5, mask_patches=16)
+    _, target, noise = ds[(2, 1)]
+    assert noise.shape == (16,) and target == ds.dataset[1][1]
+    assert torch.equal(ds[(2, 1)][2], noise)  # the same mask wherever (rank, worker) the sample is loaded
+    assert not torch.equal(ds[(3, 1)][2], noise) and not torch.equal(ds[(2, 2)][2], noise)
+    assert torch.equal(ds[(2, 1)][0], EpochSeeded(ds.dataset, seed=5)[(2, 1)][0])  # the crops unchanged
     # MAE's masking statistics: the exact ratio per sample, every patch equally likely, samples independent
-    seeds = list(range(4000))
-    noise = mask_noise(seeds, 16)
+    noise = torch.stack([mask_noise(s, 16) for s in range(4000)])
     _, mask, _ = MaskedAutoencoderViT.random_masking(torch.zeros(4000, 16, 1), 0.75, noise)
     assert torch.all(mask.sum(1) == 12)
     assert (mask.mean(0) - 0.75).abs().max() < 0.03  # 4000 samples: 3 standard deviations ~0.02

@@ -204,7 +204,7 @@ def test_gpu_decode_loader_gives_the_pil_loaders_batches(tmp_path, tiny_args):
         pil.sampler.set_epoch(epoch)
         dev.sampler.set_epoch(epoch)
         for (want, t_want, s_want), (got, t_got, s_got) in zip(pil, dev):
-            assert torch.equal(t_got, t_want) and torch.equal(s_got, s_want)  # same order, labels, mask seeds
+            assert torch.equal(t_got, t_want) and torch.equal(s_got, s_want)  # same order, labels, masks
             assert got.shape == want.shape == (4, 3, 32, 32) and got.dtype == torch.float32
             # same crop and flip per sample (EpochSeeded), so only decoder and resampling
             # rounding differ: a few levels of 255 (util/gpu_aug.py)

@@ -228,16 +228,16 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def train_loader(dataset, args, seed, collate_fn=None, mask_seeds=False):
+def train_loader(dataset, args, seed, collate_fn=None, mask_patches=0):
     """Shuffled, rank-sharded loader dropping the last incomplete global batch (as MAE),
     with augmentation seeded per (epoch, sample); call loader.sampler.set_epoch. With
-    mask_seeds, each batch also holds every sample's mask seed (EpochSeeded, mask_noise)."""
+    mask_patches, each batch also holds every sample's mask noise (EpochSeeded)."""
     sampler = TrainSampler(dataset, args.batch_size, seed)
-    if mask_seeds and collate_fn is not None:
-        collate_fn = SeedsLast(collate_fn)
+    if mask_patches and collate_fn is not None:
+        collate_fn = NoiseLast(collate_fn)
     # The loader's own generator: creating an iterator then draws nothing from the
     # global RNG, so a resumed run's random draws match.
-    loader = DataLoader(EpochSeeded(dataset, seed, mask_seeds), sampler=sampler, batch_size=args.batch_size,
+    loader = DataLoader(EpochSeeded(dataset, seed, mask_patches), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(seed))
@@ -247,14 +247,14 @@ def train_loader(dataset, args, seed, collate_fn=None, mask_seeds=False):
     return loader
 
 
-class SeedsLast:
-    """A collate_fn for (..., mask seed) samples: `collate` on the rest, the seeds appended as a tensor."""
+class NoiseLast:
+    """A collate_fn for (..., mask noise) samples: `collate` on the rest, the noise stacked after."""
 
     def __init__(self, collate):
         self.collate = collate
 
     def __call__(self, batch):
-        return (*self.collate([b[:-1] for b in batch]), torch.tensor([b[-1] for b in batch]))
+        return (*self.collate([b[:-1] for b in batch]), torch.stack([b[-1] for b in batch]))
 
 
 class NormalizeOnDevice:
@@ -293,12 +293,12 @@ class EpochSeeded(Dataset):
     Indexed by (epoch, index) pairs from TrainSampler. The augmentation is then the
     same whatever the number of workers or ranks, and a run resumed mid-epoch sees
     exactly the crops an uninterrupted run would. The caller's RNG states are restored.
-    With mask_seeds, a sample is (image, target, mask seed): a second word of the same
-    seed sequence, for mask_noise, so the mask too follows the sample, not the rank.
+    With mask_patches, a sample is (image, target, mask noise): mask_noise from a second
+    word of the same seed sequence, so the mask too follows the sample, not the rank.
     """
 
-    def __init__(self, dataset, seed, mask_seeds=False):
-        self.dataset, self.seed, self.mask_seeds = dataset, seed, mask_seeds
+    def __init__(self, dataset, seed, mask_patches=0):
+        self.dataset, self.seed, self.mask_patches = dataset, seed, mask_patches
         self.classes = getattr(dataset, "classes", None)
 
     def __len__(self):
@@ -317,15 +317,13 @@ class EpochSeeded(Dataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
-        return (*sample, mask_seed) if self.mask_seeds else sample
+        return (*sample, mask_noise(mask_seed, self.mask_patches)) if self.mask_patches else sample
 
 
-def mask_noise(seeds, num_patches):
-    """(N, num_patches) uniform noise, row i from its own generator seeded by seeds[i]:
-    MAE's per-sample torch.rand(L), whose argsort is a uniformly random patch order
-    (random_masking keeps the smallest), but the same for a sample on any rank."""
-    g = torch.Generator()
-    return torch.stack([torch.rand(num_patches, generator=g.manual_seed(int(s))) for s in seeds])
+def mask_noise(seed, num_patches):
+    """One sample's mask noise: MAE's torch.rand(L) per sample, whose argsort is a uniformly
+    random patch order (random_masking keeps the smallest), from the sample's own generator."""
+    return torch.rand(num_patches, generator=torch.Generator().manual_seed(seed))
 
 
 class TrainSampler(Sampler):
