@@ -301,3 +301,16 @@ def test_resume_with_another_effective_batch_is_refused(tmp_path):
     proc = run_script("main_pretrain.py", *WORLD_RUN, "--accum_iter", "1", "--output_dir", out)  # 8 x 1 x 1
     assert_one_line_error(proc, "effective batch 16", "this run's is 8", "--accum_iter 2")
     assert {p: digest(p) for p, _, _ in list_checkpoints(str(out))} == before
+
+
+def test_two_process_nonfinite_retry_at_a_group_end(tmp_path):
+    """torchrun, 2 processes x accum 2 (--accum_reg micro): a NaN at epoch 1 step 1, the last
+    micro-step of a group, is retried from rank 0's choice of checkpoint and stepped over."""
+    out = tmp_path / "nan"
+    proc = run_script("tests/inject_nonfinite.py", "5", "main_pretrain.py", *WORLD_RUN, "--accum_iter", "2",
+                      "--accum_reg", "micro", "--nan_retries", "1", "--output_dir", out, torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "non-finite loss at epoch 1 step 1" in proc.stdout and "skipping epoch 1 step 1" in proc.stdout
+    state = torch.load(out / "checkpoint-1.pth", weights_only=True)
+    assert state["skip_steps"] == [[1, 1]] and state["effective_batch"] == 32
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -281,7 +281,10 @@ def position_here(state, args, path):
     """The checkpoint's next step and skipped (epoch, step)s in this run's steps of
     batch_size x world samples (the saved run may have had another world size; the
     sampler's global batches make step k samples [k*B*W, (k+1)*B*W) at any size).
-    Refuses another effective batch: it would change every update and the lr."""
+    Refuses another effective batch: it would change every update and the lr (an
+    --eval run, which does not train, takes any)."""
+    if getattr(args, "eval", False):
+        return 0, set()
     per_step, world = args.batch_size * get_world_size(), get_world_size()
     here = per_step * args.accum_iter
     saved = state.get("effective_batch", here)  # older checkpoints do not say
