@@ -211,16 +211,15 @@ def save_training(args, epoch, model, optimizer, scaler, step=None, run=None, lo
     """Everything needed to continue: model, optimizer, grad scaler, position (in
     steps of global_batch samples, with the effective batch, so that a run on another
     world size continues at the same sample), args (plain dict), the run's skipped
-    steps, the epoch's metric sums so far and every rank's RNG states. step=None marks the end of `epoch`; otherwise the run
-    continues at `step` of `epoch`. Old checkpoints beyond --keep_last are removed,
-    except every --save_every-th epoch's. Returns the path written."""
+    steps, the epoch's metric sums so far and every rank's RNG states. step=None marks
+    the end of `epoch`; otherwise the run continues at `step` of `epoch`. Old
+    checkpoints beyond --keep_last are removed, except every --save_every-th epoch's.
+    Returns the path written."""
     done = epoch if step is None else epoch - 1  # last completed epoch (MAE's 'epoch')
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "epoch": done,
              "next_epoch": done + 1 if step is None else epoch, "next_step": step or 0,
-             "global_batch": args.batch_size * get_world_size(),  # samples per step over all ranks
-             "effective_batch": args.batch_size * args.accum_iter * get_world_size(),
-             "args": plain_args(args), "rng": gather_rng_states(),
+             **position_units(args), "args": plain_args(args), "rng": gather_rng_states(),
              "skip_steps": sorted(list(s) for s in (run.skip_steps if run else ())),
              "logger_totals": logger_totals}
     os.makedirs(args.output_dir, exist_ok=True)
@@ -275,6 +274,15 @@ def resume_training(args, model, optimizer, scaler, run=None):
     run.epoch, run.step, run.logger_totals = fresh.epoch, fresh.step, fresh.logger_totals
     run.skip_steps |= fresh.skip_steps
     return run
+
+
+def position_units(args):
+    """global_batch (samples per step over all ranks: the unit of next_step and skip_steps)
+    and the effective batch; none for a checkpoint saved outside a training run."""
+    if not hasattr(args, "batch_size"):
+        return {}
+    per_step = args.batch_size * get_world_size()
+    return {"global_batch": per_step, "effective_batch": per_step * getattr(args, "accum_iter", 1)}
 
 
 def position_here(state, args, path):

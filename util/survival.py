@@ -44,8 +44,9 @@ class NonFiniteGuard:
 def run_with_retries(args, run, train, reload):
     """Call train() (the epoch loop). On a non-finite loss with --nan_retries left,
     add the bad step to run.skip_steps (the same step on every rank: the guard agrees
-    over ranks), reload() the newest checkpoint (rank 0's choice) and train again. On preemption (its checkpoint is already written) requeue the SLURM job
-    and return normally, so the process exits 0."""
+    over ranks), reload() the newest checkpoint (rank 0's choice) and train again. On
+    preemption (its checkpoint is already written) requeue the SLURM job and return
+    normally, so the process exits 0."""
     retries = 0
     while True:
         try:
