@@ -2,8 +2,7 @@
 
 Per step: lr for this iteration -> batch and its mask noise (drawn in the loader,
 per sample: the masks follow the samples, not the ranks) to the device -> masked
-forward under
-autocast (reconstruction loss on the masked patches, pooled encoder features,
+forward under autocast (reconstruction loss on the masked patches, pooled encoder features,
 online head's logits on the detached features) -> regulariser on the global
 batch of features (U-MAE uniformity or M-MAE TCR) -> total = mae + lamb * reg +
 online cross-entropy -> backward (scaled for fp16, divided over the accumulation

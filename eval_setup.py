@@ -1,11 +1,13 @@
 """Setup and epoch loop shared by main_linprobe.py and main_finetune.py.
 
-Both scripts: parse the common flags plus `add_eval_args`, call `prepare`, build
+Both scripts: parse the common flags plus `add_eval_args`, check them
+(`check_eval_args`), call `prepare`, build
 their transform, `build_data`, `build_model` (loads --finetune), their head and
 optimizer, then `run`, which resumes, trains with engine_finetune, evaluates
 top-1/top-5 on the whole val split after every epoch, keeps checkpoint-best.pth
 and the periodic/last checkpoints, and logs to log.txt and TensorBoard.
-With --eval, `run` only evaluates --resume (or the newest checkpoint).
+With --eval, `run` only evaluates --resume (default: output_dir's checkpoint-best.pth,
+else its newest checkpoint; the log says which).
 """
 import datetime
 import json
@@ -44,24 +46,52 @@ def add_eval_args(parser, model, global_pool):
                    help="classify the cls token (same as --global_pool false)")
     add_bool(g, "--compile", False, "torch.compile the model")
     g.add_argument("--eval", action="store_true",
-                   help="only evaluate --resume (default: the newest checkpoint in output_dir)")
+                   help="only evaluate --resume (default: checkpoint-best.pth in output_dir, else the newest "
+                        "checkpoint there)")
+    g.add_argument("--dist_eval", action="store_true",
+                   help="MAE's flag, accepted and ignored: evaluation here is always split over the processes, "
+                        "exactly (no padding)")
     return parser
 
 
-def prepare(args):
-    """Check the flags (before anything is written), start distributed, seed."""
-    check_common_args(args)
+def eval_checkpoint(args):
+    """What --eval evaluates without --resume: output_dir's checkpoint with the best val
+    top-1 (what the training run reported as its result), else the newest."""
+    best = os.path.join(args.output_dir, BEST)
+    if os.path.isfile(best):
+        return best, "the best val top-1 kept in --output_dir"
+    found = ckpt.list_checkpoints(args.output_dir)
+    if not found:
+        raise UserError("--eval needs a checkpoint: pass --resume, or an --output_dir holding one")
+    return found[0][0], f"the newest in --output_dir; no {BEST} there"
+
+
+def check_eval_args(args):
+    """The flag checks of both scripts that need no process group (submit_slurm.py runs
+    them before queueing too); returns notes for the start of the log."""
+    notes = check_common_args(args)
+    if args.dist_eval:
+        notes.append("--dist_eval ignored: evaluation is always split over the processes, exactly")
     if args.model not in models_vit.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_vit.MODELS)}")
     if args.finetune and not os.path.isfile(args.finetune):
         raise UserError(f"pretrained checkpoint {args.finetune} (--finetune) does not exist")
-    if args.eval and not args.resume and not ckpt.list_checkpoints(args.output_dir):
-        raise UserError("--eval needs a checkpoint: pass --resume, or an --output_dir holding one")
+    if args.eval and not args.resume:
+        args.resume, why = eval_checkpoint(args)
+        notes.append(f"--eval without --resume: evaluating {args.resume} ({why})")
+    return notes
+
+
+def prepare(args, notes):
+    """Start distributed, print the checks' `notes` once the main process is known, seed."""
     device = init_distributed_mode(args)
+    for note in notes:
+        print(f"note: {note}")
     seed_everything(args.seed + get_rank())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the training batches have one shape (drop_last)
     return device
 
 
@@ -131,15 +161,16 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
         os.makedirs(args.output_dir, exist_ok=True)
     if args.eval:
         stats = evaluate(model_without_ddp, data.val_loader, device, args)
-        _report(f"evaluation of {args.resume or args.output_dir}", stats)
-        append_log(args.output_dir, {"eval_checkpoint": args.resume or args.output_dir,
+        _report(f"evaluation of {args.resume}", stats)
+        append_log(args.output_dir, {"eval_checkpoint": args.resume,
                                      **{f"test_{k}": v for k, v in stats.items()}})
         cleanup()
         return stats
 
     max_acc = _previous_best(args)
     if get_world_size() > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)  # no gradient copy per step
     if args.compile:
         model = torch.compile(model)
     n_train = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)

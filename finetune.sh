@@ -15,14 +15,19 @@
 #   mae, umae, mmae   ViT-B/16: blr 5e-4, layer decay 0.65, drop path 0.1, 100 epochs
 #                     (FINETUNE.md; U-MAE uses MAE's; M-MAE published no ViT-B fine-tuning)
 #   mae-l, umae-l     ViT-L/16: blr 1e-3, layer decay 0.75, drop path 0.2, 50 epochs
-#                     (FINETUNE.md as checked in REFERENCE.md, which wins over the blr
-#                     5e-4 the issue text gave for ViT-L)
+#                     (MAE's FINETUNE.md, as checked in REFERENCE.md; not the ViT-B
+#                     blr 5e-4)
 #   mae-h             ViT-H/14: blr 1e-3, layer decay 0.75, drop path 0.3, 50 epochs (FINETUNE.md)
 #   mmae-l            ViT-L/16: blr 5e-4, layer decay 0.65, drop path 0.1, 100 epochs,
 #                     effective batch 2048 (M-MAE finetune.sh)
 # Effective batch = BATCH x GPUs x ACCUM; ACCUM is derived from the recipe's
 # effective batch (rounded up), and lr = blr x effective batch / 256.
 set -euo pipefail
+# Relative DATA, CKPT and OUTPUT_DIR name the caller's folder, not the repository
+# (cd below); paths in extra arguments are relative to the repository.
+for v in DATA CKPT OUTPUT_DIR; do
+  if [ -n "${!v:-}" ] && [[ ${!v} != /* ]]; then printf -v "$v" '%s' "$PWD/${!v}"; fi
+done
 cd "$(dirname "$0")"
 
 RECIPE=${RECIPE:-mae}

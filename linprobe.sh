@@ -21,6 +21,11 @@
 # Effective batch = BATCH x GPUs x ACCUM; ACCUM is derived from the recipe's
 # effective batch (rounded up), and lr = blr x effective batch / 256.
 set -euo pipefail
+# Relative DATA, CKPT and OUTPUT_DIR name the caller's folder, not the repository
+# (cd below); paths in extra arguments are relative to the repository.
+for v in DATA CKPT OUTPUT_DIR; do
+  if [ -n "${!v:-}" ] && [[ ${!v} != /* ]]; then printf -v "$v" '%s' "$PWD/${!v}"; fi
+done
 cd "$(dirname "$0")"
 
 RECIPE=${RECIPE:-mae}

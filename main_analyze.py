@@ -57,8 +57,10 @@ def get_args_parser():
     g.add_argument("--uniformity_mu", type=float, help="mu of the TCR value")
     add_bool(g, "--centering", None, "centre the features in the TCR value")
     g.add_argument("--diag_images", default=0, type=int, help="val images for the diagnostics (0 = all)")
-    g.add_argument("--train_images", default=0, type=int,
-                   help="train images (evenly spaced) for the kNN bank and the linear fit (0 = all)")
+    g.add_argument("--train_images", default=50000, type=int,
+                   help="train images (evenly spaced, all classes) for the kNN bank and the linear fit: "
+                        "default 50,000, which bounds ImageNet's fits to minutes on one GPU (0 = all; "
+                        "all 1.28M take hours on a CPU)")
     add_bool(g, "--knn", True, "weighted kNN accuracy")
     g.add_argument("--knn_k", default=20, type=int)
     g.add_argument("--knn_t", default=0.07, type=float, help="kNN temperature")
@@ -191,7 +193,10 @@ def main(args):
     val_x, val_y = extract_features(model, eval_loader(dataset_val, args), device, args.amp, pools)
     val_x = val_x if len(pools) > 1 else [val_x]
     if args.knn or args.linear:
-        dataset_train = subset(build_dataset(args, "train", eval_transform(args.input_size)), args.train_images)
+        full_train = build_dataset(args, "train", eval_transform(args.input_size))
+        dataset_train = subset(full_train, args.train_images)
+        print(f"kNN bank and linear fit: {len(dataset_train):,} of {len(full_train):,} train images "
+              f"(evenly spaced; --train_images)")
         train_x, train_y = extract_features(model, eval_loader(dataset_train, args), device, args.amp, pools)
         train_x = train_x if len(pools) > 1 else [train_x]
     results["pools"] = {}
@@ -215,13 +220,15 @@ def main(args):
                   f"top-1 {knn['acc1']:.2f}  top-5 {knn['acc5']:.2f}")
             res["knn"] = knn
         if args.linear:
+            # Every rank fits the same gathered features on its own device (the GPU where
+            # there is one): no rank waits in a collective, into the process-group
+            # timeout, while rank 0 alone fits; rank 0 reports.
             tx, ty, vx, vy = (gather_all(t) for t in (train_x[i], train_y, val_x[i], val_y))
-            if is_main_process():
-                lin = fast_linear_eval(tx.cpu(), ty.cpu(), vx.cpu(), vy.cpu(), args.nb_classes)
-                print(f"{LABEL}: logistic top-1 {lin['logreg']['acc1']:.2f} top-5 {lin['logreg']['acc5']:.2f} "
-                      f"(wd {lin['logreg']['weight_decay']:g}); ridge top-1 {lin['ridge']['acc1']:.2f} "
-                      f"(lambda {lin['ridge']['lambda']:g}); fit on {lin['n_train']} train images")
-                res["linear"] = lin
+            lin = fast_linear_eval(tx, ty, vx, vy, args.nb_classes)
+            print(f"{LABEL}: logistic top-1 {lin['logreg']['acc1']:.2f} top-5 {lin['logreg']['acc5']:.2f} "
+                  f"(wd {lin['logreg']['weight_decay']:g}); ridge top-1 {lin['ridge']['acc1']:.2f} "
+                  f"(lambda {lin['ridge']['lambda']:g}); fit on {lin['n_train']} train images")
+            res["linear"] = lin
         if i == 0:  # the headline pool's results also at the top level
             results.update(res)
             headline_diag = diag

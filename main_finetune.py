@@ -19,7 +19,7 @@ from timm.optim import param_groups_layer_decay
 from util.cli import Parser, add_common_args
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError, exit_on_user_error
-from eval_setup import add_eval_args, build_data, build_model, prepare, run
+from eval_setup import add_eval_args, build_data, build_model, check_eval_args, prepare, run
 from util.optim import scale_lr
 
 
@@ -36,9 +36,13 @@ def get_args_parser():
     g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm (off by default)")
     g = parser.add_argument_group("augmentation (timm)")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy ('' = none)")
+    g.add_argument("--color_jitter", type=float, default=None,
+                   help="colour jitter strength (timm applies it only without --aa, as in MAE)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--remode", default="pixel", help="random erasing mode")
     g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--resplit", action="store_true",
+                   help="MAE's flag, accepted and ignored (MAE never passes it on: there are no augmentation splits)")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
     g.add_argument("--cutmix_minmax", type=float, nargs=2, default=None, help="cutmix ratio range")
@@ -50,12 +54,24 @@ def get_args_parser():
 
 
 def check_finetune_args(args):
+    """Fail early on values that cannot work; returns notes for the start of the log."""
     if not 0 < args.layer_decay <= 1:
         raise UserError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
     if not 0 <= args.drop_path < 1:
         raise UserError(f"--drop_path must be in [0, 1), got {args.drop_path}")
     if mixup_active(args) and args.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even --batch_size, got {args.batch_size}")
+    notes = []
+    if args.resplit:
+        notes.append("--resplit ignored, as in MAE (no augmentation splits)")
+    if args.color_jitter is not None and args.aa and "3a" not in args.aa:  # timm's rule
+        notes.append(f"--color_jitter {args.color_jitter:g} has no effect with --aa {args.aa} (timm, as in MAE)")
+    return notes
+
+
+def check_args(args):
+    """Every flag check that needs no process group (submit_slurm.py runs it too)."""
+    return check_finetune_args(args) + check_eval_args(args)
 
 
 def mixup_active(args):
@@ -64,7 +80,7 @@ def mixup_active(args):
 
 def train_transform(args):
     """MAE's fine-tuning augmentation through timm (color jitter is off with RandAugment)."""
-    return create_transform(input_size=args.input_size, is_training=True, color_jitter=None,
+    return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
                             auto_augment=args.aa or None, interpolation="bicubic", re_prob=args.reprob,
                             re_mode=args.remode, re_count=args.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
@@ -95,8 +111,7 @@ def build_optimizer(model, args):
 
 @exit_on_user_error
 def main(args):
-    check_finetune_args(args)
-    device = prepare(args)
+    device = prepare(args, check_args(args))
     data = build_data(args, train_transform(args))
     model = build_model(args, drop_path_rate=args.drop_path)
     if args.finetune and not args.eval:

@@ -13,7 +13,7 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 
 from util.cli import Parser, add_common_args
-from eval_setup import add_eval_args, build_data, build_model, linprobe_transform, prepare, run
+from eval_setup import add_eval_args, build_data, build_model, check_eval_args, linprobe_transform, prepare, run
 from util.errors import exit_on_user_error
 from util.optim import scale_lr
 
@@ -24,6 +24,11 @@ def get_args_parser():
     parser.set_defaults(blr=0.1, weight_decay=0.0, warmup_epochs=10)  # MAE's linear probe
     add_eval_args(parser, model="vit_large_patch16", global_pool=False)  # MAE probes the cls token
     return parser
+
+
+def check_args(args):
+    """Every flag check that needs no process group (submit_slurm.py runs it too)."""
+    return check_eval_args(args)
 
 
 def add_probe_head(model):
@@ -49,7 +54,7 @@ def lars(head, args):
 
 @exit_on_user_error
 def main(args):
-    device = prepare(args)
+    device = prepare(args, check_args(args))
     data = build_data(args, linprobe_transform(args.input_size))
     model = add_probe_head(build_model(args)).to(device)
     scale_lr(args)

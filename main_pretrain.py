@@ -29,10 +29,11 @@ from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_enc
 from util.metric_logger import append_log, tensorboard_writer
 from util.optim import adamw, scale_lr
 from util.survival import run_with_retries
-from util.vis import save_reconstructions
+from util.vis import pick_across_classes, save_reconstructions
 
 # Model-shape overrides of the registry size (e.g. a 6-block encoder with a 2-block decoder).
 SHAPE_FLAGS = ("depth", "decoder_embed_dim", "decoder_depth")
+PUBLISHED_LAMB = 1e-2  # U-MAE's and M-MAE's --lamb
 
 
 def get_args_parser():
@@ -56,7 +57,9 @@ def get_args_parser():
     g = parser.add_argument_group("regulariser")
     g.add_argument("--reg", default="none",
                    help="none | uniformity (U-MAE) | tcr (M-MAE); published spellings spectral, square, TCR")
-    g.add_argument("--lamb", default=0.0, type=float, help="weight of the regulariser")
+    g.add_argument("--lamb", default=None, type=float,
+                   help=f"weight of the regulariser (default: the published {PUBLISHED_LAMB:g} with --reg "
+                        "uniformity|tcr, 0 with --reg none)")
     g.add_argument("--uniformity_mu", default=1.0, type=float, help="mu of the TCR term")
     add_bool(g, "--centering", False, "centre the features in the TCR term")
     g.add_argument("--accum_reg", default="exact", choices=["exact", "micro"],
@@ -72,10 +75,19 @@ def get_args_parser():
 
 
 def check_pretrain_args(args):
+    """Fail early on values that cannot work; returns notes for the start of the log
+    (a default that changes the experiment is said, not silent)."""
+    notes = []
     args.reg = REG_ALIASES.get(args.reg, args.reg)
     if args.reg not in REG_CHOICES:
         raise UserError(f"unknown --reg {args.reg!r}; choose from {', '.join(REG_CHOICES)} "
                         f"(or {', '.join(REG_ALIASES)})")
+    if args.lamb is None:
+        args.lamb = 0.0 if args.reg == "none" else PUBLISHED_LAMB
+        if args.reg != "none":
+            notes.append(f"--reg {args.reg} without --lamb: using the published lamb {PUBLISHED_LAMB:g}")
+    elif args.lamb == 0 and args.reg != "none":
+        notes.append(f"--reg {args.reg} with --lamb 0: the regulariser is not computed (plain MAE; loss_reg logs 0)")
     if args.lamb < 0:
         raise UserError(f"--lamb must be >= 0, got {args.lamb}")
     if args.uniformity_mu <= 0:
@@ -84,6 +96,12 @@ def check_pretrain_args(args):
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.model not in models_mae.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_mae.MODELS)}")
+    return notes
+
+
+def check_args(args):
+    """Every flag check that needs no process group (submit_slurm.py runs it too)."""
+    return check_common_args(args) + check_pretrain_args(args)
 
 
 def build_model(args):
@@ -122,15 +140,34 @@ def build_train_loader(args, device):
     return DeviceDecodeLoader(loader, args.input_size, device)
 
 
+def distributed(model, device):
+    """DDP with the gradients as views into its all-reduce buckets (gradient_as_bucket_view:
+    no copy of the whole gradient into the buckets and back each step)."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
+
+
+class CompiledFeatures:
+    """What engine_pretrain.regulariser_grads reads of the model, with the encoder pass
+    compiled: --compile with the exact regulariser under accumulation (its extra encoder
+    forward per micro-batch would otherwise run eager). The model itself is left as it
+    is, so the monitors' encoder passes stay eager."""
+
+    def __init__(self, model):
+        self.patch_embed, self.pooled_features = model.patch_embed, model.pooled_features
+        self.forward_encoder = torch.compile(model.forward_encoder)
+
+
 def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run, dataset_val, vis_imgs,
           log_writer):
     """Epochs from run.epoch to the end, with monitoring and a checkpoint after every epoch."""
     saver = ckpt.CheckpointSaver(args, model_without_ddp, optimizer, scaler, run, device)
+    features = CompiledFeatures(model_without_ddp) if args.compile and exact_accumulation(args) else model_without_ddp
     for epoch in range(run.epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         loader.sampler.start_index = run.start_step(epoch) * args.batch_size
         stats = {f"train_{k}": v for k, v in train_one_epoch(
-            model, model_without_ddp, loader, optimizer, scaler, device, epoch, run, saver, args,
+            model, features, loader, optimizer, scaler, device, epoch, run, saver, args,
             log_writer).items()}
         last = epoch + 1 == args.epochs
         if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
@@ -155,13 +192,15 @@ def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run
 
 @exit_on_user_error
 def main(args):
-    check_common_args(args)
-    check_pretrain_args(args)
+    notes = check_args(args)
     device = init_distributed_mode(args)
+    for note in notes:
+        print(f"note: {note}")
     seed_everything(args.seed + get_rank())
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tune the patch-embed conv once
 
     loader = build_train_loader(args, device)
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size)) \
@@ -174,7 +213,7 @@ def main(args):
     scaler = grad_scaler(device, args.amp)
     run = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)  # fails before writing anything
     if get_world_size() > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = distributed(model, device)
     if args.compile:
         model = torch.compile(model)
 
@@ -190,7 +229,7 @@ def main(args):
     if get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     log_writer = tensorboard_writer(args.log_dir)
-    vis_imgs = torch.stack([dataset_val[i][0] for i in range(min(8, len(dataset_val)))]).to(device) \
+    vis_imgs = torch.stack([dataset_val[i][0] for i in pick_across_classes(dataset_val)]).to(device) \
         if args.vis_every else None
 
     preempt.install_handlers()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0

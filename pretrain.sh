@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Pretraining launcher: torchrun on one or many nodes, with the published recipes.
+# Pretraining launcher: torchrun on one or many nodes, with the U-MAE / M-MAE papers'
+# pretraining budget for all three methods.
 #
 #   RECIPE=umae DATA=/path/to/imagenet bash pretrain.sh                # 1 node, all its GPUs
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 RECIPE=mmae-l DATA=... bash pretrain.sh   # on node 0
@@ -9,8 +10,10 @@
 # (e.g. `bash pretrain.sh --epochs 800 --output_dir runs/x`). Under SLURM, run
 # this script once per node with srun (NODE_RANK from SLURM_NODEID).
 #
-# Recipes (REFERENCE.md): 200 epochs, blr 1.5e-4, weight decay 0.05, mask 0.75,
-# norm_pix_loss, 40 warmup epochs, 8 GPUs x 128 = effective batch 1024.
+# Recipes (REFERENCE.md): the U-MAE / M-MAE budget, 200 epochs, blr 1.5e-4, weight
+# decay 0.05, mask 0.75, norm_pix_loss, 40 warmup epochs, 8 GPUs x 128 = effective
+# batch 1024. `mae` is MAE's model and loss at that budget, not MAE's published
+# 800-1600 epochs at batch 4096 (README_mae.md has that command).
 #   mae     ViT-B/16, reconstruction only
 #   umae    ViT-B/16, + 1e-2 * uniformity          (U-MAE)
 #   mmae    ViT-B/16, + 1e-2 * TCR, mu 1           (M-MAE)
@@ -18,8 +21,13 @@
 # LAMB defaults to the published 1e-2 and means the same at any GPU count: our
 # regulariser gradient is world-size invariant. The published 8-GPU runs applied
 # only 1/8 of it (their gather's backward); LAMB=1.25e-3 reproduces their actual
-# training dynamics (README, "lamb and GPU count").
+# training dynamics (PRETRAIN.md, "lamb and GPU count").
 set -euo pipefail
+# Relative DATA and OUTPUT_DIR name the caller's folder, not the repository
+# (cd below); paths in extra arguments are relative to the repository.
+for v in DATA OUTPUT_DIR; do
+  if [ -n "${!v:-}" ] && [[ ${!v} != /* ]]; then printf -v "$v" '%s' "$PWD/${!v}"; fi
+done
 cd "$(dirname "$0")"
 
 RECIPE=${RECIPE:-mae}

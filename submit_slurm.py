@@ -9,11 +9,12 @@
 Writes an sbatch script into OUTPUT_DIR/slurm/ and submits it. sbatch + srun start
 one task per GPU (or --tasks_per_node CPU tasks with --gpus_per_node 0); each reads
 its rank from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (util/dist.py). The script's
-arguments are parsed here first, so a typo fails before anything is queued. The job
-is requeueable: SLURM sends SIGUSR1 --signal_before seconds before the time limit
-(and SIGTERM on preemption or `scontrol requeue`); the run saves a checkpoint at the
-next step boundary, requeues itself, and the requeued job auto-resumes from
-output_dir. --dry_run prints the script without submitting.
+arguments are parsed and checked here first (its parser and check_args), so a typo or
+a bad value fails before anything is queued. The job is requeueable: SLURM sends SIGUSR1
+--signal_before seconds before the time limit; the run saves a checkpoint at the next
+step boundary, requeues itself, and the requeued job auto-resumes from output_dir.
+SIGTERM (preemption, `scontrol requeue`: SLURM requeues the job; `scancel`: it stops)
+saves the same checkpoint. --dry_run prints the script without submitting.
 """
 import argparse
 import importlib
@@ -26,6 +27,7 @@ import sys
 from util.errors import UserError, exit_on_user_error
 
 ENTRY_POINTS = ("main_pretrain.py", "main_linprobe.py", "main_finetune.py")
+PATH_FLAGS = ("--output_dir", "--data_path", "--log_dir", "--resume", "--finetune", "--class_subset")
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/scratch/local")
 REPO = os.path.dirname(os.path.abspath(__file__))
 USAGE = "%(prog)s [options] -- SCRIPT [script args]"
@@ -102,8 +104,9 @@ def check_paths(args, script, script_args):
 
 
 def check_script_args(script, script_args):
-    """Parse the script's arguments with its own parser, so a misspelt flag or a bad
-    value fails here (one line, exit 2) instead of after the job waited in the queue."""
+    """Parse the script's arguments with its own parser and run its own checks
+    (check_args: values, model name, files), so a misspelt flag or a bad value fails
+    here (one line, exit 2) instead of after the job waited in the queue."""
     try:
         module = importlib.import_module(script[:-len(".py")])
     except ImportError as e:  # e.g. this interpreter lacks torch while --python names one that has it
@@ -115,7 +118,28 @@ def check_script_args(script, script_args):
         raise UserError(f"{script}: {message} (see python {script} --help)")
 
     parser.error = error
-    parser.parse_args(script_args)
+    parsed = parser.parse_args(script_args)
+    parsed.device = "cpu"  # the nodes' GPUs are not visible here
+    try:
+        notes = module.check_args(parsed)
+    except UserError as e:
+        raise UserError(f"{script}: {e}") from None
+    for note in notes:  # stderr: a --dry_run's stdout stays the sbatch script
+        print(f"note: {script}: {note}", file=sys.stderr)
+
+
+def absolute_paths(script_args):
+    """The job starts in another working directory: make path values absolute
+    (`--flag value` and `--flag=value`)."""
+    out = []
+    for prev, a in zip([None] + script_args[:-1], script_args):
+        flag, eq, value = a.partition("=")
+        if prev in PATH_FLAGS:
+            a = os.path.abspath(a)
+        elif eq and flag in PATH_FLAGS:
+            a = f"{flag}={os.path.abspath(value)}"
+        out.append(a)
+    return out
 
 
 def tasks_per_node(args):
@@ -133,10 +157,7 @@ def tasks_per_node(args):
 def sbatch_script(args, script, script_args, output_dir):
     python = args.python or sys.executable
     ntasks = tasks_per_node(args)
-    # make paths absolute: the job starts in another working directory
-    script_args = [os.path.abspath(a) if prev in ("--output_dir", "--data_path", "--log_dir", "--resume",
-                                                   "--finetune", "--class_subset") else a
-                   for prev, a in zip([None] + script_args[:-1], script_args)]
+    script_args = absolute_paths(script_args)
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name={args.job_name or script.replace('main_', '').replace('.py', '')}",
              f"#SBATCH --nodes={args.nodes}",

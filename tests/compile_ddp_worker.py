@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine_pretrain import compute_losses  # noqa: E402
+from main_pretrain import distributed  # noqa: E402
 from test_gpu_path import data, step_args, tiny  # noqa: E402
 
 
@@ -29,7 +30,8 @@ def main():
     args = step_args(amp="none", reg=reg)
     (samples, targets), = data(seed=rank)  # each rank its own batch
     torch.manual_seed(rank)
-    model = torch.nn.parallel.DistributedDataParallel(tiny())
+    model = distributed(tiny(), torch.device("cpu"))  # as main_pretrain builds it (gradient bucket views)
+    assert model.gradient_as_bucket_view
     noise = torch.rand(samples.shape[0], model.module.patch_embed.num_patches)
     loss_e, eager = grads(model, samples, targets, args, noise)
     loss_c, compiled = grads(torch.compile(model, backend="inductor"), samples, targets, args, noise)

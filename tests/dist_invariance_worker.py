@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 import util.dist  # noqa: E402
 from engine_pretrain import compute_losses  # noqa: E402
+from main_pretrain import distributed  # noqa: E402
 
 
 class PublishedGather(torch.autograd.Function):
@@ -46,7 +46,7 @@ def main(out_path):
     model = models_mae.MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
                                             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
                                             nb_classes=4)
-    ddp = DistributedDataParallel(model)
+    ddp = distributed(model, torch.device("cpu"))  # as main_pretrain builds it (gradient bucket views)
     results = {}
     for name, reg, centering in (("uniformity", "uniformity", False), ("tcr", "tcr", False),
                                  ("tcr_centered", "tcr", True)):

@@ -243,6 +243,23 @@ def test_analyze_our_checkpoint_on_one_and_two_processes(pretrained, tmp_path):
         assert b["linear"][m]["acc1"] == pytest.approx(r["linear"][m]["acc1"], abs=100 / 16 + 1e-6)
 
 
+def test_analyze_every_rank_fits_a_bounded_train_subset(pretrained, tmp_path):
+    """ImageNet scale: the fits use --train_images (default 50,000, stated in the log) of
+    the train set, and under torchrun every rank fits the gathered features itself (on
+    its device), so no rank waits in a collective while rank 0 alone fits."""
+    out, _ = pretrained
+    import main_analyze
+    assert main_analyze.get_args_parser().parse_args(["--checkpoint", "c"]).train_images == 50000
+    proc = run_script("tests/analyze_fit_worker.py", tmp_path, "--checkpoint", out / "checkpoint-0.pth",
+                      "--synthetic_size", "64", "--num_workers", "0", "--batch_size", "8", "--train_images", "40",
+                      "--knn", "false", "--output_dir", tmp_path, "--out_json", tmp_path / "r.json", torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kNN bank and linear fit: 40 of 64 train images" in proc.stdout
+    fits = [json.load(open(tmp_path / f"fit-rank{r}.json")) for r in (0, 1)]
+    assert fits[0] == fits[1] == {"n_train": 40, "device": "cpu"}, fits
+    assert json.load(open(tmp_path / "r.json"))["linear"]["n_train"] == 40
+
+
 def test_analyze_official_encoder_only_checkpoint(tmp_path):
     model = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4)
     encoder = {k: v for k, v in model.state_dict().items()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from util import preempt
+from util import interop, preempt
 from util.dist import (all_gather_object, any_rank, barrier, broadcast_object, get_rank, get_world_size, is_dist,
                        is_main_process)
 from util.errors import UserError
@@ -256,7 +256,8 @@ def resume_training(args, model, optimizer, scaler, run=None):
     if state is not None:
         if "model" not in state:
             raise UserError(f"checkpoint {path} has no 'model' entry")
-        load_model_state(model, state["model"], path, args.model, state.get("args", {}).get("model"))
+        weights = state["model"] if "optimizer" in state else interop.pretraining_weights(model, state["model"], path)
+        load_model_state(model, weights, path, args.model, state.get("args", {}).get("model"))
         if "optimizer" not in state:
             print(f"loaded weights from {path}; starting at epoch {fresh.epoch}")
         else:

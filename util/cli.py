@@ -82,11 +82,18 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     g.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     g.add_argument("--dist_on_itp", action="store_true")
     g.add_argument("--dist_url", default="env://")
+    g.add_argument("--world_size", default=None, type=int,
+                   help="MAE's flag, accepted and ignored: the number of processes comes from torchrun / SLURM")
     return parser
 
 
 def check_common_args(args):
-    """Fail early, before anything is written, on values that cannot work."""
+    """Fail early, before anything is written, on values that cannot work. Returns
+    notes for the start of the log (flags of MAE's that mean nothing here)."""
+    notes = []
+    if args.world_size is not None:
+        notes.append(f"--world_size {args.world_size} ignored: the number of processes comes from "
+                     "torchrun / SLURM (as in MAE, where the launcher's WORLD_SIZE overrides it)")
     for name in ("batch_size", "epochs", "accum_iter", "input_size", "save_every", "print_freq"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -109,6 +116,7 @@ def check_common_args(args):
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
     if args.log_dir is None:
         args.log_dir = args.output_dir
+    return notes
 
 
 def check_output_dir(path):

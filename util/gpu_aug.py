@@ -9,13 +9,17 @@ is split, with the same semantics:
   3/4-4/3) and the flip with the same torch RNG calls in the same order as
   pretrain_transform, so under EpochSeeded a sample gets the same crop in both paths;
 - on the device: decode_augment decodes the batch with torchvision.io.decode_jpeg (nvjpeg
-  on CUDA, libjpeg-turbo on CPU), then crops, resizes (bicubic, antialiased, rounded to
-  uint8 as PIL does), flips and normalises each image.
+  on CUDA, libjpeg-turbo on CPU), then crops, resizes (bicubic, antialiased: the filter
+  of torch's interpolate(antialias=True) and PIL, written as two matrix products per
+  group of same-size images, the crop and the flip folded into the matrices), rounds to
+  uint8 as the per-image path does, and normalises.
 
 Files that are not baseline RGB/grey JPEGs (PNG, CMYK, ...) are decoded with PIL in the
 worker and only cropped on the device. Pixel values differ from the PIL path by
-resampling rounding (a few levels out of 255, tested). main_pretrain --gpu_decode
-uses it through DeviceDecodeLoader. The CUDA path has not been run in this project yet.
+resampling rounding (a few levels out of 255, tested) and from the per-image
+torchvision resized_crop by at most one level. main_pretrain --gpu_decode uses it
+through DeviceDecodeLoader, which decodes one batch ahead on a side stream (CUDA).
+The CUDA path is tested by the cuda-marked tests (benchmarks/gpu_acceptance.py).
 """
 import io
 
@@ -24,7 +28,6 @@ import torch
 from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
@@ -66,39 +69,137 @@ def collate_encoded(batch):
     return [d for d, _ in items], torch.stack([p for _, p in items]), torch.tensor(targets)
 
 
-def decode_augment(datas, params, input_size, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Decode on `device`, crop + resize + flip per image, normalise: (N, 3, S, S) float32."""
+# bicubic convolution with a = -0.5: the kernel of PIL's and torch's antialiased bicubic
+CUBIC_A = -0.5
+
+
+def cubic(x):
+    x = x.abs()
+    a = CUBIC_A
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(start, length, out_size, extent, flip=None):
+    """(N, out_size, extent) float32: row i of image n holds the weights output pixel i
+    takes from source pixels 0..extent-1 when the box [start[n], start[n] + length[n])
+    is resized to out_size, as torch's interpolate(mode="bicubic", antialias=True)
+    computes them (support and taps of aten's _compute_weights_aa); rows reversed where
+    flip[n] (the horizontal flip). start, length, flip: (N,) tensors on the device."""
+    length = length.to(torch.float32)
+    scale = length / out_size
+    stretch = scale.clamp(min=1.0)  # the filter widens by the downscale factor (antialias)
+    support = 2.0 * stretch
+    center = scale[:, None] * (torch.arange(out_size, device=scale.device) + 0.5)  # (N, S) in box coordinates
+    lo = (center - support[:, None] + 0.5).trunc().clamp(min=0)
+    hi = torch.minimum((center + support[:, None] + 0.5).trunc(), length[:, None])
+    j = (torch.arange(extent, device=scale.device) - start[:, None]).to(torch.float32)[:, None, :]  # (N, 1, E)
+    w = cubic((j - center[..., None] + 0.5) / stretch[:, None, None])
+    w = w * ((j >= lo[..., None]) & (j < hi[..., None]))
+    w = w / w.sum(-1, keepdim=True)
+    if flip is not None:
+        w = torch.where(flip[:, None, None], w.flip(1), w)
+    return w
+
+
+def crop_resize_flip(images, params, size):
+    """images: (n, C, H, W) uint8 of one size; params: (n, 5) [top, left, h, w, flip]
+    on the device. The crop, antialiased bicubic resize to size x size and flip of each
+    image, as float32 (n, C, size, size) rounded to integers in 0..255."""
+    n, _, height, width = images.shape
+    top, left, h, w, flip = params.unbind(1)
+    wy = resize_weights(top, h, size, height)  # (n, S, H)
+    wx = resize_weights(left, w, size, width, flip.bool())  # (n, S, W)
+    out = wy[:, None] @ images.float() @ wx[:, None].transpose(-1, -2)
+    return out.round_().clamp_(0, 255)
+
+
+def normalizer(device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """(mean, std) as (1, 3, 1, 1) tensors on `device`, in units of uint8 levels: made once."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (mean, std))
+
+
+def decode_augment(datas, params, input_size, device, norm=None):
+    """Decode on `device`, crop + resize + flip, normalise: (N, 3, S, S) float32.
+    One decode_jpeg call for the batch's JPEGs, then one crop_resize_flip per group of
+    images of the same decoded size (a few matrix products, not kernels per image).
+    `norm`: normalizer(device), made once by the caller (default: made here)."""
     device = torch.device(device)
+    mean, std = norm if norm is not None else normalizer(device)
     imgs = [None] * len(datas)
     jpegs = [i for i, d in enumerate(datas) if d.dim() == 1]
     if jpegs:
         decoded = decode_jpeg([datas[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
         for i, img in zip(jpegs, decoded):
             imgs[i] = img
-    out = torch.empty(len(datas), 3, input_size, input_size, dtype=torch.uint8, device=device)
-    for k, (img, (top, left, h, w, flip)) in enumerate(zip(imgs, params.tolist())):
-        if img is None:  # decoded in the worker
-            img = datas[k].to(device, non_blocking=True)
-        crop = TF.resized_crop(img, top, left, h, w, [input_size, input_size],
-                               interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
-        out[k] = crop.flip(-1) if flip else crop
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-    return (out.float() - mean) / std
+    for k, d in enumerate(datas):
+        if imgs[k] is None:  # decoded in the worker
+            imgs[k] = d.to(device, non_blocking=True)
+    groups = {}
+    for k, img in enumerate(imgs):
+        groups.setdefault(tuple(img.shape), []).append(k)
+    params = params.to(device, non_blocking=True)
+    if len(groups) == 1:
+        out = crop_resize_flip(torch.stack(imgs), params, input_size)
+    else:
+        out = torch.empty(len(datas), 3, input_size, input_size, device=device)
+        for members in groups.values():
+            idx = torch.tensor(members, device=device)
+            out[idx] = crop_resize_flip(torch.stack([imgs[k] for k in members]), params[idx], input_size)
+    return (out - mean) / std
 
 
 class DeviceDecodeLoader:
     """Wraps a DataLoader of collate_encoded batches; yields (decoded, augmented and
-    normalised images on `device`, targets), as the PIL pipeline's loader would.
-    Keeps the wrapped loader's sampler and length (set_epoch, mid-epoch resume)."""
+    normalised images on `device`, targets[, mask noise]), as the PIL pipeline's loader would.
+    Keeps the wrapped loader's sampler and length (set_epoch, mid-epoch resume).
+
+    On CUDA the decode runs one batch ahead on a side stream: batch k+1 is queued before
+    batch k is handed over, so it decodes while the GPU still runs the earlier steps, and
+    the training stream waits only for batch k (an event). nvJPEG writes its outputs on a
+    stream of its own that does not wait for the stream current at the call (pytorch/vision
+    PR 9606, meta-pytorch/torchcodec PR 1634): blocks freed by work still queued on that
+    stream can be handed to it and overwritten. Hence the side stream, whose memory pool
+    holds no block of the training stream (the caching allocator keeps one per stream), a
+    synchronize of the side stream's own earlier work before each decode, and
+    record_stream on the handed-over images, so that the side stream reuses their memory
+    only after the training stream has read them. On CPU the streams are no-ops."""
 
     def __init__(self, loader, input_size, device):
         self.loader, self.input_size, self.device = loader, input_size, torch.device(device)
         self.sampler = loader.sampler
+        self.norm = normalizer(self.device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __len__(self):
         return len(self.loader)
 
+    def start(self, batch):
+        """Queue the decode of a (datas, params, targets[, mask noise]) batch: (images, the
+        rest, event)."""
+        datas, params, *rest = batch
+        if self.stream is None:
+            return decode_augment(datas, params, self.input_size, self.device, self.norm), rest, None
+        with torch.cuda.stream(self.stream):
+            self.stream.synchronize()  # nothing queued here may still read a block nvJPEG gets
+            images = decode_augment(datas, params, self.input_size, self.device, self.norm)
+            return images, rest, self.stream.record_event()
+
+    def hand_over(self, started):
+        """The started batch, safe to use on the current stream."""
+        images, rest, done = started
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            images.record_stream(current)
+        return (images, *rest)
+
     def __iter__(self):
-        for datas, params, *rest in self.loader:  # rest: targets (and mask seeds)
-            yield decode_augment(datas, params, self.input_size, self.device), *rest
+        batches = iter(self.loader)
+        ahead = next(batches, None)
+        ahead = self.start(ahead) if ahead is not None else None
+        while ahead is not None:
+            current, following = ahead, next(batches, None)
+            ahead = self.start(following) if following is not None else None  # one batch ahead
+            yield self.hand_over(current)

@@ -12,22 +12,32 @@ this order, per file:
 2. decode with libjpeg-turbo, at 1/2, 1/4 or 1/8 DCT scale only when the box still has
    at least the output's size at that scale (a reduced decode is never upsampled);
 3. resize the box with torch's uint8 antialiased bicubic (or bilinear) kernel, which
-   implements PIL's filter in vectorised fixed point (within 1 level of 255 of PIL's).
+   implements PIL's filter in vectorised fixed point (within 2 levels of 255 of PIL's;
+   on real photos 99.7% of pixels equal: benchmarks/resize_levels.py, RESULTS.md).
 
 Files that are not JPEGs libjpeg-turbo can turn into RGB or grey (PNG saved as .JPEG,
 CMYK, ...) or that it rejects are decoded by PIL and converted to RGB, as the plain path.
+
+Without simplejpeg (not installed, e.g. a fixed GPU image) every file goes through PIL,
+whose draft mode gives the same reduced-DCT-scale decode of libjpeg(-turbo); DecodeCrop
+says so in one warning line.
 """
 import io
 import math
+import sys
 
 import numpy as np
-import simplejpeg
 import torch
 import torch.nn.functional as Fn
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from util.errors import UserError
+
+try:
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
 
 RESIZE_MODES = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
 # libjpeg-turbo colour spaces it converts to RGB itself; grey stays one channel until the end
@@ -43,24 +53,43 @@ def dct_scale(box_h, box_w, out_h, out_w):
     return s
 
 
+_warned = []
+
+
+def warn_without_turbo():
+    """One line on stderr, once per process, when simplejpeg is missing."""
+    if simplejpeg is None and not _warned:
+        _warned.append(True)
+        print("warning: simplejpeg is not installed: the fast loader decodes with PIL (same pixels, "
+              "slower; pip install simplejpeg)", file=sys.stderr, flush=True)
+
+
 class EncodedImage:
     """One file's bytes and header: size, and how it will be decoded."""
 
     def __init__(self, path):
         with open(path, "rb") as f:
             self.raw = raw = f.read()
+        self.turbo = None
         try:
-            self.height, self.width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
-            self.turbo = TURBO_OUTPUT.get(colorspace)  # None: CMYK/YCCK go to PIL
+            if simplejpeg is not None:
+                self.height, self.width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
+                self.turbo = TURBO_OUTPUT.get(colorspace)  # None: CMYK/YCCK go to PIL
         except ValueError:  # not a JPEG (a PNG with a .JPEG name), or a broken header
-            self.turbo = None
+            pass
         if self.turbo is None:
             self.pil = Image.open(io.BytesIO(raw))  # reads the header only
             self.width, self.height = self.pil.size
 
+    @property
+    def scalable(self):
+        """Whether decode honours a DCT scale: libjpeg-turbo, or PIL's draft of an RGB/grey JPEG."""
+        return self.turbo is not None or (self.pil.format == "JPEG" and self.pil.mode in ("RGB", "L"))
+
     def decode(self, scale):
         """(pixels, scale): (H, W, C) uint8, RGB or (from libjpeg-turbo) one grey channel,
-        at 1/scale of the full size (rounded up); PIL always decodes at full size (scale 1)."""
+        at 1/scale of the full size (rounded up); PIL decodes at full size (scale 1) except
+        a `scalable` file, which its draft mode decodes at 1/scale as libjpeg-turbo does."""
         if self.turbo is not None:
             try:
                 return simplejpeg.decode_jpeg(self.raw, colorspace=self.turbo,
@@ -68,7 +97,16 @@ class EncodedImage:
                                               min_width=math.ceil(self.width / scale)), scale
             except ValueError:  # libjpeg-turbo's warnings are errors here: PIL decides, as
                 self.pil = Image.open(io.BytesIO(self.raw))  # in the plain path
-        return np.array(self.pil.convert("RGB")), 1  # a writable copy, for torch
+                scale = 1
+        elif scale > 1 and self.scalable:
+            # draft picks the largest scale a with size // a >= the request: W // s gives s
+            self.pil.draft(self.pil.mode, (self.width // scale, self.height // scale))
+            if self.pil.size != (math.ceil(self.width / scale), math.ceil(self.height / scale)):
+                self.pil = Image.open(io.BytesIO(self.raw))  # draft declined: full size
+                scale = 1
+        else:
+            scale = 1
+        return np.array(self.pil.convert("RGB")), scale  # a writable copy, for torch
 
 
 class DecodeCrop:
@@ -86,6 +124,7 @@ class DecodeCrop:
         size = crop.size
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.mode = RESIZE_MODES[crop.interpolation]
+        warn_without_turbo()
 
     @staticmethod
     def supports(crop):
@@ -96,7 +135,7 @@ class DecodeCrop:
         image = self.read(path, EncodedImage, path)
         top, left, h, w = self.crop.get_params(torch.empty(0, image.height, image.width),
                                                self.crop.scale, self.crop.ratio)
-        s = dct_scale(h, w, *self.size) if image.turbo else 1
+        s = dct_scale(h, w, *self.size) if image.scalable else 1
         pixels, s = self.read(path, image.decode, s)
         # (1, C, H, W) with channels-last strides: the layout of torch's vectorised uint8 resize
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None]

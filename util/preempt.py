@@ -3,7 +3,9 @@ run to save a checkpoint at the next step boundary and exit cleanly. Under SLURM
 after SIGUSR1 (submit_slurm.py's warning ahead of the time limit) the job requeues
 itself; SIGTERM comes from preemption or `scontrol requeue`, which requeue the job
 by themselves, or from `scancel`, which means stop. The relaunched command
-auto-resumes."""
+auto-resumes. Under several processes the ranks agree on a signal only when the metrics
+are read back (every --print_freq steps, CheckpointSaver.poll_preemption), so the
+checkpoint may come that many steps later."""
 import os
 import signal
 import subprocess

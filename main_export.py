@@ -1,0 +1,345 @@
+"""Pretrained encoders out to timm and Hugging Face, and their weights in.
+
+    python main_export.py --checkpoint output_dir/checkpoint-199.pth --format timm --output enc.safetensors
+    python main_export.py --checkpoint output_dir/checkpoint-199.pth --format hf --output mae_hf/
+    python main_export.py --import_from mae_hf/ --output imported.pth      # an HF ViTMAE folder
+    python main_export.py --import_from vit_mae.safetensors --output imported.pth   # a timm MAE state dict
+
+Out (`--checkpoint`, a pretraining or fine-tuning checkpoint of this codebase, or an
+official MAE file): `--format timm` writes the encoder as a timm state dict
+(safetensors) and prints the timm.create_model call that loads it strictly;
+`--format hf` writes a folder (config.json + model.safetensors) for
+ViTMAEForPreTraining (encoder + decoder) when the checkpoint has a decoder, else for
+ViTMAEModel; ViTModel loads either. In: an HF ViTMAE / ViT folder or a timm ViT state
+dict becomes a weights-only checkpoint of this codebase ({'model', 'args'}) that
+main_pretrain --resume (with a decoder), --finetune and main_analyze take.
+Weights only; both sides are loaded strictly, so a key that does not map fails.
+transformers is needed for --format hf only (the written folder is loaded back with it).
+"""
+import functools
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import models_mae
+import models_vit
+from util.checkpoint import atomic_save, load_checkpoint
+from util.cli import Parser, add_bool
+from util.errors import UserError, exit_on_user_error
+from util import interop
+
+
+def get_args_parser():
+    p = Parser("Export to timm / Hugging Face, or import from them", add_help=True)
+    p.add_argument("--checkpoint", help="checkpoint to export (ours or an official MAE file)")
+    p.add_argument("--format", choices=["timm", "hf"], help="export format")
+    p.add_argument("--import_from", help="HF ViTMAE/ViT folder or timm state dict (.safetensors/.pth) to import")
+    p.add_argument("--output", required=True, help="file (timm, import) or folder (hf) to write; must not exist")
+    add_bool(p, "--norm_pix_loss", None, "for the HF config, when the checkpoint does not say (official files)")
+    p.add_argument("--mask_ratio", default=None, type=float, help="for the HF config (default: the checkpoint's)")
+    return p
+
+
+# ---- model sizes -----------------------------------------------------------------
+@functools.cache
+def sizes():
+    """{encoder width: the registry entry of that size}, read from models_mae (built on
+    the meta device: no memory, no init cost)."""
+    out = {}
+    with torch.device("meta"):
+        for name, fn in models_mae.MODELS.items():
+            m = fn()
+            out[m.cls_token.shape[-1]] = dict(
+                name=name, size=name.split("_")[2], depth=len(m.blocks), patch_size=m.patch_size,
+                num_heads=m.blocks[0].attn.num_heads, decoder_embed_dim=m.decoder_embed.out_features,
+                decoder_depth=len(m.decoder_blocks), decoder_num_heads=m.decoder_blocks[0].attn.num_heads)
+    return out
+
+
+def registry_size(width, source):
+    known = sizes()
+    if width not in known:
+        raise UserError(f"{source} has a {width}-wide encoder: unknown model size (known widths: "
+                        + ", ".join(f"{w} {e['size']}" for w, e in sorted(known.items())) + ")")
+    return known[width]
+
+
+def overrides(shape, entry):
+    """models_mae keywords (and main_pretrain flags) for a shape that differs from its registry size."""
+    return {k: shape[k] for k in ("patch_size", "depth", "decoder_embed_dim", "decoder_depth")
+            if shape.get(k) and shape[k] != entry[k]}
+
+
+# ---- reading our checkpoints -----------------------------------------------------------
+def read_ours(path):
+    """(state dict, saved args, kind, shape, registry entry); kind is 'pretrain' (models_mae
+    keys, decoder optional) or 'classifier' (models_vit: head / fc_norm)."""
+    state = load_checkpoint(path)
+    sd = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise UserError(f"checkpoint {path} has no 'model' entry with a state dict: not a pretraining or "
+                        "fine-tuning checkpoint")
+    args = state.get("args") if isinstance(state.get("args"), dict) else {}
+    try:
+        shape = interop.describe(sd)
+    except UserError as e:
+        raise UserError(f"checkpoint {path} {e}: not a pretraining or fine-tuning checkpoint") from None
+    kind = "classifier" if any(k.startswith(("head.", "fc_norm.")) for k in sd) else "pretrain"
+    entry = registry_size(shape["embed_dim"], f"checkpoint {path}")
+    if shape["mlp_dim"] != 4 * shape["embed_dim"]:
+        raise UserError(f"checkpoint {path} has MLP width {shape['mlp_dim']}, not 4 x {shape['embed_dim']}: "
+                        "no model of this codebase has that shape")
+    _load_into_ours(sd, kind, shape, entry, path)
+    return sd, args, kind, shape, entry
+
+
+def _load_into_ours(sd, kind, shape, entry, path):
+    """Strict load on our side: the checkpoint must be exactly one of our models (the
+    decoder and online head may be absent in a pretraining one)."""
+    img = shape["grid"] * shape["patch_size"]
+    kw = {k: v for k, v in overrides(shape, entry).items() if kind == "pretrain" or k in ("patch_size", "depth")}
+    with torch.device("meta"):
+        if kind == "pretrain":
+            head = sd.get("online_head.weight")
+            model = models_mae.MODELS[entry["name"]](img_size=img, nb_classes=len(head) if head is not None else 1,
+                                                     **kw)
+        else:
+            pool = "fc_norm.weight" in sd
+            n_cls = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+            model = models_vit.MODELS[entry["name"][4:]](img_size=img, global_pool=pool, num_classes=n_cls, **kw)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # a shape that fits no model of this codebase
+        raise UserError(f"checkpoint {path} is not a model of this codebase: {' '.join(str(e).split())[:200]}")
+    optional = interop.PRETRAIN_ONLY if kind == "pretrain" else ()
+    bad = [k for k in missing if not k.startswith(optional)]
+    if kind == "pretrain" and shape["decoder_depth"]:
+        bad += [k for k in missing if k.startswith(("decoder_", "mask_token"))]
+    if bad or unexpected:
+        raise UserError(f"checkpoint {path} is not a model of this codebase: missing {sorted(bad)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}")
+
+
+def encoder_only(sd):
+    return {k: v for k, v in sd.items() if not k.startswith(interop.PRETRAIN_ONLY + ("head.",))}
+
+
+# ---- export ------------------------------------------------------------------------------
+def timm_call(shape, entry, kind, global_pool):
+    """(timm model name, create_model keywords) for the encoder: the registry name of its
+    size at 224 px, with img_size/patch_size/depth where they differ."""
+    name = f"vit_{entry['size']}_patch{entry['patch_size']}_224"
+    kw = dict(num_classes=0)
+    img = shape["grid"] * shape["patch_size"]
+    if img != 224:
+        kw["img_size"] = img
+    kw.update({k: shape[k] for k in ("patch_size", "depth") if shape[k] != entry[k]})
+    kw["global_pool"] = "avg" if global_pool else "token"
+    if global_pool and kind == "pretrain":
+        kw["fc_norm"] = False  # pretraining keeps the final norm on every token, then pools
+    return name, kw
+
+
+def export_timm(path, out):
+    import timm
+    sd, args, kind, shape, entry = read_ours(path)
+    global_pool = "fc_norm.weight" in sd if kind == "classifier" else bool(args.get("global_pool"))
+    name, kw = timm_call(shape, entry, kind, global_pool)
+    enc = encoder_only(sd)
+    model = timm.create_model(name, pretrained=False, **kw)
+    try:
+        model.load_state_dict(enc, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit timm's {name}({kw}): {' '.join(str(e).split())[:200]}")
+    meta = {"timm_model": name, "timm_kwargs": json.dumps(kw), "source": os.path.abspath(path)}
+    _write(out, lambda tmp: save_file(enc, tmp, metadata=meta))
+    args_text = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    print(f"wrote the encoder ({len(enc)} tensors) to {out}; load it with\n"
+          f"  m = timm.create_model({name!r}, {args_text})\n"
+          f"  m.load_state_dict(safetensors.torch.load_file({out!r}))")
+    return name, kw
+
+
+def hf_config(shape, entry, decoder, norm_pix_loss, mask_ratio):
+    from transformers import ViTMAEConfig
+    return ViTMAEConfig(
+        hidden_size=shape["embed_dim"], num_hidden_layers=shape["depth"], num_attention_heads=entry["num_heads"],
+        intermediate_size=shape["mlp_dim"], hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True,
+        image_size=shape["grid"] * shape["patch_size"], patch_size=shape["patch_size"], num_channels=3,
+        decoder_hidden_size=shape["decoder_embed_dim"] or entry["decoder_embed_dim"],
+        decoder_num_hidden_layers=shape["decoder_depth"] or entry["decoder_depth"],
+        decoder_num_attention_heads=entry["decoder_num_heads"],
+        decoder_intermediate_size=4 * (shape["decoder_embed_dim"] or entry["decoder_embed_dim"]),
+        mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
+        architectures=["ViTMAEForPreTraining" if decoder else "ViTMAEModel"])
+
+
+def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--format hf needs transformers (pip install -r requirements.txt)") from None
+    transformers.utils.logging.disable_progress_bar()
+    sd, args, kind, shape, entry = read_ours(path)
+    if "fc_norm.weight" in sd:
+        raise UserError(f"checkpoint {path} was fine-tuned with --global_pool: its fc_norm on the mean patch "
+                        "token has no place in HF's ViTModel / ViTMAEModel (they end in one layernorm on every "
+                        "token); export it with --format timm")
+    decoder = shape["decoder_depth"] > 0
+    norm_pix_loss = bool(args.get("norm_pix_loss", False)) if norm_pix_loss is None else norm_pix_loss
+    mask_ratio = float(args.get("mask_ratio", 0.75)) if mask_ratio is None else mask_ratio
+    config = hf_config(shape, entry, decoder, norm_pix_loss, mask_ratio)
+    table = interop.hf_table(shape["depth"], shape["decoder_depth"], prefix="vit." if decoder else "")
+    hf_sd = interop.to_hf({k: v for k, v in sd.items() if k in table}, table)
+    cls = transformers.ViTMAEForPreTraining if decoder else transformers.ViTMAEModel
+
+    def write(tmp):
+        os.makedirs(tmp)
+        config.save_pretrained(tmp)
+        save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        _, info = cls.from_pretrained(tmp, output_loading_info=True)  # the strict load on HF's side
+        bad = {k: sorted(v)[:3] for k, v in info.items() if k != "error_msgs" and v}
+        if bad:
+            raise UserError(f"transformers {transformers.__version__} does not load the exported weights "
+                            f"into {cls.__name__} exactly: {bad}")
+    _write(out, write)
+    dropped = sorted({k.split(".")[0] for k in sd if k not in table})
+    print(f"wrote {cls.__name__} (norm_pix_loss {norm_pix_loss}, mask_ratio {mask_ratio}) to {out}"
+          + (f"; left out: {', '.join(dropped)}" if dropped else "") + "; load it with\n"
+          f"  transformers.{cls.__name__}.from_pretrained({out!r})"
+          + ("   # or ViTMAEModel / ViTModel for the encoder" if decoder else "   # or ViTModel"))
+    return config
+
+
+def _write(out, write):
+    """Write through a temporary path beside `out`, then rename: nothing existing is
+    replaced, and a failure leaves nothing under `out`."""
+    if os.path.exists(out):
+        raise UserError(f"{out} already exists; choose another --output (nothing was overwritten)")
+    tmp = f"{out.rstrip('/')}.tmp.{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+    try:
+        write(tmp)
+        os.rename(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---- import ------------------------------------------------------------------------------
+def read_hf_folder(path):
+    """(our state dict, settings for its args) from an HF ViTMAE or ViT folder."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") not in ("vit_mae", "vit"):
+        raise UserError(f"{path} holds a {cfg.get('model_type')!r} model; only vit_mae and vit import")
+    weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
+    weights = [w for w in weights if os.path.isfile(w)]
+    if not weights:
+        raise UserError(f"{path} has no model.safetensors or pytorch_model.bin (sharded files do not import)")
+    hf_sd = load_file(weights[0]) if weights[0].endswith(".safetensors") else load_checkpoint(weights[0])
+    hf_sd = {interop.normalize_hf_key(k): v for k, v in hf_sd.items()}
+    prefix = "vit." if "vit.embeddings.cls_token" in hf_sd else ""
+    dropped = sorted(k for k in hf_sd if k.startswith(("pooler.", "classifier.")))
+    hf_sd = {k: v for k, v in hf_sd.items() if k not in dropped}
+    decoder = cfg.get("decoder_num_hidden_layers", 0) if any(k.startswith("decoder.") for k in hf_sd) else 0
+    _check_hf_config(cfg, path)
+    sd = interop.from_hf(hf_sd, interop.hf_table(cfg["num_hidden_layers"], decoder, prefix))
+    if dropped:
+        print(f"left out of the import: {len(dropped)} tensors of {sorted({k.split('.')[0] for k in dropped})}")
+    return sd, dict(norm_pix_loss=bool(cfg.get("norm_pix_loss", False)), mask_ratio=float(cfg.get("mask_ratio", 0.75)))
+
+
+def _check_hf_config(cfg, path):
+    """Settings of an HF config that models_mae cannot express."""
+    entry = registry_size(cfg.get("hidden_size"), f"{path}")
+    want = dict(hidden_act="gelu", qkv_bias=True, num_channels=3, num_attention_heads=entry["num_heads"],
+                intermediate_size=4 * cfg["hidden_size"])
+    if cfg.get("model_type") == "vit_mae":
+        want.update(decoder_num_attention_heads=entry["decoder_num_heads"],
+                    decoder_intermediate_size=4 * cfg.get("decoder_hidden_size", 0))
+    bad = [f"{k} {cfg.get(k, want[k])!r} (needs {v!r})" for k, v in want.items() if cfg.get(k, v) != v]
+    for k in ("image_size", "patch_size"):
+        if not isinstance(cfg.get(k, 0), int):
+            bad.append(f"{k} {cfg[k]!r} (needs one int: square)")
+    if bad:
+        raise UserError(f"{path}: config has {'; '.join(bad)}: no model of this codebase has that shape")
+    eps = cfg.get("layer_norm_eps", 1e-12)
+    if eps != 1e-6:
+        print(f"note: {path} has layer_norm_eps {eps:g}; models_mae uses MAE's 1e-6 "
+              "(the outputs differ in about the 6th digit)")
+
+
+def read_timm(path):
+    """Our state dict from a timm ViT (MAE) state dict: the same names."""
+    if path.endswith(".safetensors"):
+        sd = load_file(path)
+    else:
+        state = load_checkpoint(path)
+        sd = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise UserError(f"{path} holds no state dict")
+    if "fc_norm.weight" in sd:
+        raise UserError(f"{path} has fc_norm (a classifier pooled with fc_norm): the pretraining model has "
+                        "no place for it; import a timm MAE encoder (num_classes=0, global_pool='token')")
+    dropped = sorted(k for k in sd if k.startswith("head."))
+    if dropped:
+        print(f"left out of the import: {', '.join(dropped)}")
+    return {k: v for k, v in sd.items() if k not in dropped}
+
+
+def import_weights(src, out):
+    """Write the weights of an HF folder or a timm file as a checkpoint of this codebase."""
+    if os.path.isdir(src):
+        sd, settings = read_hf_folder(src)
+    elif os.path.isfile(src):
+        sd, settings = read_timm(src), dict(norm_pix_loss=False, mask_ratio=0.75)
+    else:
+        raise UserError(f"--import_from {src} does not exist")
+    try:
+        shape = interop.describe(sd)
+    except UserError as e:
+        raise UserError(f"{src} {e}") from None
+    entry = registry_size(shape["embed_dim"], src)
+    _load_into_ours(sd, "pretrain", shape, entry, src)
+    flags = overrides(shape, entry)
+    args = dict(model=entry["name"], input_size=shape["grid"] * shape["patch_size"], patch_size=shape["patch_size"],
+                global_pool=False, **{k: flags.get(k) for k in ("depth", "decoder_embed_dim", "decoder_depth")},
+                **settings, imported_from=os.path.abspath(src))
+    _write(out, lambda tmp: atomic_save({"model": sd, "args": args}, tmp))
+    shape_flags = " ".join([f"--input_size {args['input_size']}"] + [f"--{k} {v}" for k, v in flags.items()])
+    vit_flags = " ".join([f"--input_size {args['input_size']}"] + [f"--{k} {v}" for k, v in flags.items()
+                                                                     if k in ("patch_size", "depth")])
+    print(f"wrote {out} ({'encoder + decoder' if shape['decoder_depth'] else 'encoder only'}); use it with\n"
+          + (f"  main_pretrain.py --resume {out} --model {entry['name']} {shape_flags}"
+             + (" --norm_pix_loss" if settings["norm_pix_loss"] else "") + " ...\n" if shape["decoder_depth"] else "")
+          + f"  main_finetune.py --finetune {out} --model {entry['name'][4:]} {vit_flags} ...   (or main_linprobe.py)\n"
+          + f"  main_analyze.py --checkpoint {out} ...")
+    return args
+
+
+@exit_on_user_error
+def main(args):
+    if bool(args.import_from) == bool(args.checkpoint):
+        raise UserError("pass either --checkpoint (with --format timm|hf) or --import_from")
+    if args.import_from:
+        return import_weights(args.import_from, args.output)
+    if args.format is None:
+        raise UserError("--checkpoint needs --format timm or --format hf")
+    if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
+        raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.format == "timm":
+        return export_timm(args.checkpoint, args.output)
+    return export_hf(args.checkpoint, args.output, args.norm_pix_loss, args.mask_ratio)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,327 @@
+"""Interop (main_export.py, util/interop.py): our checkpoints out to timm and Hugging Face
+and back in, checked by outputs (same input, same mask noise), not by keys; the
+weights-only checkpoints main_pretrain --resume takes; the reconstruction picture.
+Every model is built here, tiny: nothing is downloaded."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import main_export
+import models_mae
+import models_vit
+from conftest import REPO, TINY, assert_one_line_error, run_script
+from util.interop import hf_table
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+# ViT-Tiny width, 2 encoder blocks, a 1-block 64-wide decoder, 32 px images of 4 px patches.
+SHAPE = dict(img_size=32, patch_size=4, depth=2, decoder_embed_dim=64, decoder_depth=1)
+FLAGS = ["--depth", "2", "--decoder_embed_dim", "64", "--decoder_depth", "1"]
+ARGS = dict(model="mae_vit_tiny_patch16", input_size=32, patch_size=4, depth=2, decoder_embed_dim=64,
+            decoder_depth=1, norm_pix_loss=True, mask_ratio=0.75, global_pool=False)
+ATOL = 2e-5
+
+
+def perturbed(model, seed=0):
+    """Every weight moved off its init (LayerNorms away from 1/0, biases non-zero), so a
+    swapped or dropped tensor shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # the fixed sin-cos position embeddings too: they are weights
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def tiny_mae(norm_pix_loss=True, global_pool=False, seed=0):
+    return perturbed(models_mae.mae_vit_tiny_patch16(**SHAPE, norm_pix_loss=norm_pix_loss,
+                                                     global_pool=global_pool, nb_classes=10), seed)
+
+
+def save_ours(tmp_path, model, name="ckpt.pth", **args):
+    path = tmp_path / name
+    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 3, "args": {**ARGS, **args}}, path)
+    return str(path)
+
+
+def images(n=3, side=32, seed=1):
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def unmasked_latent(model, x):
+    """Our encoder on every patch in order (mask ratio 0 with increasing noise)."""
+    noise = torch.arange(model.patch_embed.num_patches).float().expand(x.shape[0], -1)
+    return model.forward_encoder(x, 0.0, noise)[0]
+
+
+# ---- timm ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("global_pool", [False, True])
+def test_interop_timm_round_trip(tmp_path, global_pool):
+    model = tiny_mae(global_pool=global_pool)
+    out = str(tmp_path / "enc.safetensors")
+    name, kw = main_export.export_timm(save_ours(tmp_path, model, global_pool=global_pool), out)
+    assert name == "vit_tiny_patch16_224" and kw["img_size"] == 32 and kw["patch_size"] == 4
+    assert kw["depth"] == 2 and kw["num_classes"] == 0 and kw["global_pool"] == ("avg" if global_pool else "token")
+    tm = timm.create_model(name, **kw).eval()
+    tm.load_state_dict(load_file(out))  # strict
+    x = images()
+    with torch.no_grad():
+        latent, feats = unmasked_latent(model, x), tm.forward_features(x)
+        pooled = tm.forward_head(feats, pre_logits=True)
+    torch.testing.assert_close(feats, latent, atol=ATOL, rtol=0)
+    torch.testing.assert_close(pooled, latent[:, 1:].mean(1) if global_pool else latent[:, 0], atol=ATOL, rtol=0)
+
+    # back in: the encoder, bit for bit; --finetune takes it
+    back = str(tmp_path / "back.pth")
+    args = main_export.import_weights(out, back)
+    assert args["model"] == "mae_vit_tiny_patch16" and args["depth"] == 2 and args["decoder_depth"] is None
+    sd = torch.load(back, weights_only=True)["model"]
+    own = model.state_dict()
+    assert set(sd) == {k for k in own if not k.startswith(("decoder_", "mask_token", "online_head."))}
+    assert all(torch.equal(v, own[k]) for k, v in sd.items())
+    vit = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, depth=2, num_classes=5, global_pool=False)
+    models_vit.load_pretrained(vit, back, "vit_tiny_patch16")
+    with torch.no_grad():
+        torch.testing.assert_close(vit.eval().forward_features(x), latent, atol=ATOL, rtol=0)
+
+
+def test_interop_timm_fine_tuned_global_pool(tmp_path):
+    vit = perturbed(models_vit.vit_tiny_patch16(img_size=32, patch_size=4, depth=2, num_classes=7, global_pool=True))
+    path = tmp_path / "ft.pth"
+    torch.save({"model": vit.state_dict(), "args": {"model": "vit_tiny_patch16"}}, path)
+    out = str(tmp_path / "ft.safetensors")
+    name, kw = main_export.export_timm(str(path), out)
+    assert kw["global_pool"] == "avg" and "fc_norm" not in kw  # timm's default: fc_norm with avg
+    tm = timm.create_model(name, **kw).eval()
+    tm.load_state_dict(load_file(out))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(tm.forward_head(tm.forward_features(x), pre_logits=True),
+                                   vit.forward_head(vit.forward_features(x), pre_logits=True), atol=ATOL, rtol=0)
+
+
+# ---- Hugging Face -------------------------------------------------------------------------
+def test_interop_hf_pretraining_parity(tmp_path):
+    model = tiny_mae(norm_pix_loss=True)
+    folder = str(tmp_path / "hf")
+    main_export.export_hf(save_ours(tmp_path, model), folder)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    assert cfg["norm_pix_loss"] is True and cfg["mask_ratio"] == 0.75 and cfg["layer_norm_eps"] == 1e-6
+    hf, info = transformers.ViTMAEForPreTraining.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    x = images()
+    noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = model(x, 0.75, noise), hf.eval()(pixel_values=x, noise=noise)
+    torch.testing.assert_close(theirs.mask, ours.mask, atol=0, rtol=0)
+    assert ours.mask.sum() == 3 * 48
+    torch.testing.assert_close(theirs.logits, ours.pred, atol=ATOL, rtol=0)
+    torch.testing.assert_close(theirs.loss, ours.loss, atol=ATOL, rtol=1e-5)
+
+
+def test_interop_hf_encoder_parity(tmp_path):
+    model = tiny_mae()
+    folder = str(tmp_path / "hf")
+    main_export.export_hf(save_ours(tmp_path, model), folder)
+    x = images()
+    noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(3))
+    vit = transformers.ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    mae = transformers.ViTMAEModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        latent, mask, _ = model.forward_encoder(x, 0.75, noise)
+        torch.testing.assert_close(vit(pixel_values=x).last_hidden_state, unmasked_latent(model, x),
+                                   atol=ATOL, rtol=0)
+        out = mae(pixel_values=x, noise=noise)
+    torch.testing.assert_close(out.last_hidden_state, latent, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.mask, mask, atol=0, rtol=0)
+
+    # a fine-tuned classifier (cls token) exports its encoder alone, for ViTModel
+    clf = perturbed(models_vit.vit_tiny_patch16(img_size=32, patch_size=4, depth=2, num_classes=7,
+                                                global_pool=False))
+    torch.save({"model": clf.state_dict(), "args": {"model": "vit_tiny_patch16"}}, tmp_path / "ft.pth")
+    main_export.export_hf(str(tmp_path / "ft.pth"), str(tmp_path / "hf_enc"))
+    assert json.load(open(tmp_path / "hf_enc" / "config.json"))["architectures"] == ["ViTMAEModel"]
+    vit, info = transformers.ViTModel.from_pretrained(str(tmp_path / "hf_enc"), add_pooling_layer=False,
+                                                      output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    with torch.no_grad():
+        torch.testing.assert_close(vit.eval()(pixel_values=x).last_hidden_state, clf.forward_features(x),
+                                   atol=ATOL, rtol=0)
+
+
+def hf_pretraining_model(seed=4):
+    """An HF ViTMAEForPreTraining of SHAPE, built and saved by transformers itself."""
+    cfg = transformers.ViTMAEConfig(
+        hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768, image_size=32,
+        patch_size=4, decoder_hidden_size=64, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
+        decoder_intermediate_size=256, layer_norm_eps=1e-6, norm_pix_loss=False, mask_ratio=0.75)
+    torch.manual_seed(seed)
+    return perturbed(transformers.ViTMAEForPreTraining(cfg), seed)
+
+
+def test_interop_hf_import_matches_and_resumes_pretraining(tmp_path):
+    hf = hf_pretraining_model()
+    hf.save_pretrained(tmp_path / "hf")
+    imported = tmp_path / "imported.pth"
+    proc = run_script("main_export.py", "--import_from", tmp_path / "hf", "--output", imported)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--depth 2 --decoder_embed_dim 64 --decoder_depth 1" in proc.stdout
+    state = torch.load(imported, weights_only=True)
+    assert state["args"]["model"] == "mae_vit_tiny_patch16" and state["args"]["norm_pix_loss"] is False
+    ours = models_mae.mae_vit_tiny_patch16(**SHAPE, nb_classes=10).eval()
+    missing, unexpected = ours.load_state_dict(state["model"], strict=False)
+    assert sorted(missing) == ["online_head.bias", "online_head.weight"] and not unexpected
+    x = images()
+    noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = ours(x, 0.75, noise), hf(pixel_values=x, noise=noise)
+    torch.testing.assert_close(a.mask, b.mask, atol=0, rtol=0)
+    torch.testing.assert_close(a.pred, b.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(a.loss, b.loss, atol=ATOL, rtol=1e-5)
+
+    # main_pretrain --resume continues pretraining from it, with a new online head
+    out = tmp_path / "run"
+    proc = run_script("main_pretrain.py", *TINY, *FLAGS, "--resume", imported, "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "has no online head: a new one starts" in proc.stdout and "loaded weights from" in proc.stdout
+    after = torch.load(out / "checkpoint-0.pth", weights_only=True)["model"]
+    assert set(after) == set(ours.state_dict())
+
+    # and the export of the imported checkpoint is the HF model again
+    main_export.export_hf(str(imported), str(tmp_path / "again"))
+    again = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixel_values=x, noise=noise).logits, b.logits, atol=ATOL, rtol=0)
+
+
+def test_interop_hf_table_is_one_to_one():
+    table = hf_table(2, 1)
+    names = [k for t in table.values() for k in (t if isinstance(t, tuple) else (t,))]
+    assert len(names) == len(set(names))
+    ours = models_mae.mae_vit_tiny_patch16(**SHAPE).state_dict()
+    assert set(table) == {k for k in ours if not k.startswith("online_head.")}
+
+
+# ---- official MAE files and main_pretrain --resume (issue 24) ----------------------------------
+def test_interop_official_full_checkpoint_resumes_and_encoder_only_refused(tmp_path):
+    sd = models_mae.mae_vit_tiny_patch16(**SHAPE).state_dict()
+    full = {"model": {k: v for k, v in sd.items() if not k.startswith("online_head.")}}  # *_full.pth
+    torch.save(full, tmp_path / "mae_pretrain_vit_tiny_full.pth")
+    proc = run_script("main_pretrain.py", *TINY, *FLAGS, "--resume", tmp_path / "mae_pretrain_vit_tiny_full.pth",
+                      "--output_dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "has no online head: a new one starts" in proc.stdout
+    assert (tmp_path / "run" / "checkpoint-0.pth").is_file()
+
+    enc = {"model": {k: v for k, v in sd.items() if not k.startswith(("decoder_", "mask_token", "online_head."))}}
+    torch.save(enc, tmp_path / "mae_pretrain_vit_tiny.pth")
+    proc = run_script("main_pretrain.py", *TINY, *FLAGS, "--resume", tmp_path / "mae_pretrain_vit_tiny.pth",
+                      "--output_dir", tmp_path / "run2")
+    assert_one_line_error(proc, "encoder only", "--finetune")
+    assert not (tmp_path / "run2").exists() or not os.listdir(tmp_path / "run2")
+
+
+# ---- bad input: one line, nothing overwritten ----------------------------------------------
+def export_error(capsys, *argv):
+    capsys.readouterr()  # what came before (transformers' progress bars)
+    with pytest.raises(SystemExit) as e:
+        main_export.main(main_export.get_args_parser().parse_args([str(a) for a in argv]))
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_interop_bad_inputs(tmp_path, capsys):
+    model = tiny_mae()
+    good = save_ours(tmp_path, model)
+    # a checkpoint of the wrong kind
+    torch.save({"optimizer": {}, "epoch": 1}, tmp_path / "opt.pth")
+    assert "no 'model' entry" in export_error(capsys, "--checkpoint", tmp_path / "opt.pth", "--format", "timm",
+                                              "--output", tmp_path / "o1")
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "mlp.pth")
+    assert "no ViT encoder" in export_error(capsys, "--checkpoint", tmp_path / "mlp.pth", "--format", "hf",
+                                            "--output", tmp_path / "o2")
+    # a shape the target cannot express: a global-pool classifier's fc_norm in HF's ViT
+    vit = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, depth=2, num_classes=7, global_pool=True)
+    torch.save({"model": vit.state_dict()}, tmp_path / "ft.pth")
+    assert "fc_norm" in export_error(capsys, "--checkpoint", tmp_path / "ft.pth", "--format", "hf",
+                                     "--output", tmp_path / "o3")
+    # ... or an HF config models_mae cannot build (6 heads at ViT-Tiny width)
+    hf = hf_pretraining_model()
+    hf.config.num_attention_heads = 6
+    hf.save_pretrained(tmp_path / "hf6")
+    assert "num_attention_heads 6 (needs 3)" in export_error(capsys, "--import_from", tmp_path / "hf6",
+                                                             "--output", tmp_path / "o4.pth")
+    # an import of the wrong kind
+    (tmp_path / "empty").mkdir()
+    assert "without config.json" in export_error(capsys, "--import_from", tmp_path / "empty", "--output", tmp_path / "o7")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    assert "'bert'" in export_error(capsys, "--import_from", tmp_path / "bert", "--output", tmp_path / "o8")
+    assert "does not exist" in export_error(capsys, "--import_from", tmp_path / "nothing", "--output", tmp_path / "o9")
+    assert "either --checkpoint" in export_error(capsys, "--output", tmp_path / "o10")
+    # an unknown model size
+    odd = models_mae.MaskedAutoencoderViT(img_size=32, patch_size=4, embed_dim=256, depth=1, num_heads=4,
+                                          decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+    torch.save({"model": odd.state_dict()}, tmp_path / "odd.pth")
+    assert "unknown model size" in export_error(capsys, "--checkpoint", tmp_path / "odd.pth", "--format", "timm",
+                                                "--output", tmp_path / "o5")
+    # an existing output is never replaced
+    (tmp_path / "taken.safetensors").write_text("mine")
+    assert "already exists" in export_error(capsys, "--checkpoint", good, "--format", "timm",
+                                            "--output", tmp_path / "taken.safetensors")
+    assert (tmp_path / "taken.safetensors").read_text() == "mine"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("o") and p[1:2].isdigit()]
+    # and from the command line, one line too
+    assert_one_line_error(run_script("main_export.py", "--checkpoint", tmp_path / "odd.pth", "--format", "hf",
+                                     "--output", tmp_path / "o6"), "unknown model size")
+
+
+# ---- the reconstruction picture ------------------------------------------------------------
+class Labelled(torch.utils.data.Dataset):
+    def __init__(self, targets):
+        self.targets = targets
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def test_reconstruction_picks_span_classes():
+    from util.vis import pick_across_classes
+    sorted_100 = Labelled([c for c in range(100) for _ in range(50)])  # an ImageFolder's val split
+    picks = pick_across_classes(sorted_100)
+    assert [sorted_100.targets[i] for i in picks] == [0, 12, 25, 37, 50, 62, 75, 87]
+    assert pick_across_classes(sorted_100) == picks  # the same every run
+    three = Labelled([i % 3 for i in range(30)])  # fewer classes than pictures: each class in turn
+    assert [three.targets[i] for i in pick_across_classes(three)] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert len(set(pick_across_classes(three))) == 8
+    unlabelled = torch.utils.data.TensorDataset(torch.zeros(15, 1))
+    assert pick_across_classes(unlabelled) == [0, 2, 4, 6, 8, 10, 12, 14]
+
+
+def test_reconstruction_grid_enlarges_small_images(tmp_path):
+    from util.vis import MIN_SIDE, reconstruction_grid, save_reconstructions
+    model = models_mae.mae_vit_tiny_patch16(img_size=64, patch_size=8, depth=1, decoder_depth=1)
+    x = images(2, side=64)
+    grid = reconstruction_grid(model, x, 0.75)
+    side = 64 * -(-MIN_SIDE // 64)  # 192: a whole multiple, nearest, so patch edges stay sharp
+    assert grid.shape == (3, 2 * (side + 2) + 2, 4 * (side + 2) + 2)
+    cell = grid[:, 2:2 + side, 2:2 + side]  # the first original, 3x: every pixel a 3x3 block
+    torch.testing.assert_close(cell, cell[:, ::3, ::3].repeat_interleave(3, 1).repeat_interleave(3, 2))
+    assert reconstruction_grid(models_mae.mae_vit_tiny_patch16(img_size=224, depth=1, decoder_depth=1),
+                               images(1, side=224), 0.75).shape[-1] == 4 * 226 + 2  # large ones as they are
+    assert os.path.isfile(save_reconstructions(model, x, 0.75, str(tmp_path), 0))
+
+
+def test_interop_training_imports_neither_transformers_nor_the_exporter():
+    code = ("import sys, main_pretrain, main_finetune, main_linprobe, main_analyze; "
+            "print(sorted(m for m in ('transformers', 'main_export') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
