@@ -1,7 +1,8 @@
 """Pretraining: one epoch of masked-autoencoder steps, in the order they happen.
 
-Per step: lr for this iteration -> batch to the device -> masked forward under
-autocast (reconstruction loss on the masked patches, pooled encoder features,
+Per step: lr for this iteration -> batch and its mask noise (drawn in the loader,
+per sample: the masks follow the samples, not the ranks) to the device -> masked
+forward under autocast (reconstruction loss on the masked patches, pooled encoder features,
 online head's logits on the detached features) -> regulariser on the global
 batch of features (U-MAE uniformity or M-MAE TCR) -> total = mae + lamb * reg +
 online cross-entropy -> backward (scaled for fp16, divided over the accumulation
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from loss_func import regularizer_loss
-from util.accumulation import accumulation_groups, maybe_no_sync
+from util.accumulation import accumulation_groups, maybe_no_sync, sync_steps
 from util.amp import autocast
 from util.dist import get_world_size
 from util.lr_sched import adjust_learning_rate
@@ -23,7 +24,7 @@ from util.survival import NonFiniteGuard
 
 def compute_losses(model, samples, targets, args, noise=None, reg_grad=None, loss_reg=None):
     """The forward of one step: (loss to back-propagate, dict of detached loss parts,
-    online logits). `noise` fixes the mask (tests, benchmarks, the exact accumulation);
+    online logits). `noise` fixes the mask (each sample's, from the loader; tests);
     None draws a random one. With `reg_grad` (exact regulariser under accumulation,
     see regulariser_grads) the regulariser's gradient w.r.t. these features was already
     computed on the whole group: the loss then carries <features, reg_grad> in its place
@@ -52,7 +53,7 @@ def exact_accumulation(args):
 @torch.no_grad()
 def regulariser_grads(model, batches, group_size, args):
     """The exact regulariser of an accumulation group (a gradient cache): every
-    micro-batch's features with its mask drawn here (encoder only, no graph), the
+    micro-batch's features with its mask (its noise, or one drawn here; encoder only, no graph), the
     regulariser on all of them at once (and all ranks: loss_func gathers), and its
     gradient w.r.t. each micro-batch's features, times group_size (each micro-batch's
     loss is divided by it). The second pass, compute_losses with the same noise,
@@ -60,8 +61,9 @@ def regulariser_grads(model, batches, group_size, args):
     the whole group's. Returns [(noise, grad, reg value)] per micro-batch. `model`
     without DDP/compile wrappers."""
     noises, feats = [], []
-    for _, samples, _ in batches:
-        noise = torch.rand(samples.shape[0], model.patch_embed.num_patches, device=samples.device)
+    for _, samples, _, noise in batches:
+        if noise is None:
+            noise = torch.rand(samples.shape[0], model.patch_embed.num_patches, device=samples.device)
         with autocast(samples.device, args.amp):
             latent, _, _ = model.forward_encoder(samples, args.mask_ratio, noise)
             f = model.pooled_features(latent)
@@ -81,6 +83,8 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
     start = run.start_step(epoch)
     num_steps = start + len(data_loader)
     groups = accumulation_groups(num_steps, args.accum_iter)
+    skipped = {s for e, s in run.skip_steps if e == epoch}  # stepped over after a non-finite loss (--nan_retries)
+    syncs = sync_steps(num_steps, args.accum_iter, skipped)  # DDP all-reduces in these steps' backward
     exact = exact_accumulation(args)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     logger, guard = MetricLogger(run.totals_for(epoch)), NonFiniteGuard(epoch, device)
@@ -96,20 +100,24 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
     pending = []  # the group's batches not yet run: one at a time, or the whole group when exact
     batches = logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]", total=num_steps, start=start,
                                on_flush=on_flush, batch_size=args.batch_size * get_world_size())
-    for step, (samples, targets) in enumerate(batches, start=start):
+    for step, (samples, targets, *noise) in enumerate(batches, start=start):
         first, last, group_size = groups[step]
         if first:
             if step > start:
                 saver.at_step_boundary(epoch, step, logger, guard)
             lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
-        if (epoch, step) not in run.skip_steps:  # stepped over after a non-finite loss (--nan_retries)
-            pending.append((step, samples.to(device, non_blocking=True), targets.to(device, non_blocking=True)))
+        if step not in skipped:
+            # the loader's per-sample mask noise; batches of (samples, targets) alone (benchmarks)
+            # get masks drawn in the model
+            noise = noise[0].to(device, non_blocking=True) if noise else None
+            pending.append((step, samples.to(device, non_blocking=True), targets.to(device, non_blocking=True),
+                            noise))
         if exact and not last:
             continue  # the exact regulariser needs the features of the whole group first
         cache = regulariser_grads(model_without_ddp, pending, group_size, args) if exact and pending else None
-        for i, (at, samples, targets) in enumerate(pending):
-            noise, reg_grad, loss_reg = cache[i] if cache else (None, None, None)
-            with maybe_no_sync(model, sync=last and i + 1 == len(pending)):  # DDP reduces at the group's end
+        for i, (at, samples, targets, noise) in enumerate(pending):
+            noise, reg_grad, loss_reg = cache[i] if cache else (noise, None, None)
+            with maybe_no_sync(model, sync=at in syncs):
                 loss, parts, logits = compute_losses(model, samples, targets, args, noise, reg_grad, loss_reg)
                 scaler.scale(loss / group_size).backward()
             guard.record(at, loss.detach())

@@ -3,6 +3,7 @@
     python main_pretrain.py                        # CPU demo on synthetic data
     torchrun --nproc_per_node 8 main_pretrain.py --data_path /imagenet ...
 """
+import argparse
 import datetime
 import json
 import os
@@ -113,20 +114,29 @@ def build_model(args):
         raise UserError(str(e)) from None
 
 
+def patches_per_image(args):
+    """The model's patch count (the length of each sample's mask noise, drawn in the loader),
+    from its shapes alone: built on the meta device, before the data set gives nb_classes."""
+    with torch.device("meta"):
+        return build_model(argparse.Namespace(**{**vars(args), "nb_classes": 1})).patch_embed.num_patches
+
+
 def build_train_loader(args, device):
     """MAE's augmentation in the DataLoader workers (by default util/jpeg.py's fast decode
     + crop, normalised on the device; --fast_decode false: all PIL) or, with --gpu_decode,
     split: file reads and crop boxes in the workers, decode + crop + resize + flip +
-    normalise on the device (util/gpu_aug.py, same semantics)."""
+    normalise on the device (util/gpu_aug.py, same semantics). Batches: (images, targets,
+    each sample's mask noise), see util.datasets.EpochSeeded."""
+    L = patches_per_image(args)
     if not args.gpu_decode:
         dataset, normalize = build_train_set(args, pretrain_transform(args.input_size))
         check_nb_classes(args, dataset)
-        return on_device(train_loader(dataset, args, seed=args.seed), normalize, device)
+        return on_device(train_loader(dataset, args, seed=args.seed, mask_patches=L), normalize, device)
     if args.data_path is None or args.dataset not in (None, "imagefolder"):
         raise UserError("--gpu_decode needs an ImageFolder --data_path (it decodes the image files)")
     dataset = build_dataset(args, "train", PlanCrop(), loader=read_encoded)
     check_nb_classes(args, dataset)
-    loader = train_loader(dataset, args, seed=args.seed, collate_fn=collate_encoded)
+    loader = train_loader(dataset, args, seed=args.seed, collate_fn=collate_encoded, mask_patches=L)
     return DeviceDecodeLoader(loader, args.input_size, device)
 
 

@@ -350,7 +350,7 @@ def loader_rate(out, loader, steps, batch):
         next(it)
     sync(out.device)
     t0 = time.perf_counter()
-    for images, _ in it:
+    for images, *_ in it:  # (images, targets, mask noise)
         pass
     sync(out.device)
     return steps * batch / (time.perf_counter() - t0), tuple(images.shape)

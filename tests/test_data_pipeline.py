@@ -244,8 +244,9 @@ def assert_close_batches(fast_loader, plain_loader, mean, worst=None, epochs=(0,
     for epoch in epochs:
         fast_loader.sampler.set_epoch(epoch)
         plain_loader.sampler.set_epoch(epoch)
-        for (got, t_got), (want, t_want) in zip(fast_loader, plain_loader):
+        for (got, t_got, *s_got), (want, t_want, *s_want) in zip(fast_loader, plain_loader):
             assert torch.equal(t_got, t_want)  # same order and labels
+            assert len(s_got) == len(s_want) and all(torch.equal(a, b) for a, b in zip(s_got, s_want))  # mask noise
             assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
             diff = (got - want).abs() * 0.226 * 255  # in levels of 255
             assert diff.mean() < mean, (epoch, diff.mean())
@@ -317,3 +318,50 @@ def test_epoch_seeded_fast_samples_do_not_depend_on_the_order(tmp_path):
     again = [ds[(1, i)][0] for i in reversed(range(len(ds.dataset)))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(ds[(1, 0)][0], ds[(2, 0)][0])
+
+
+# ---- the train sampler's global batches and per-sample masks (resume on another world size) ----
+def sampler_batches(n, batch_size, world, epoch, start_step=0):
+    """Each rank's TrainSampler batches, as a world of `world` processes would see them."""
+    from util.datasets import TrainSampler
+    out = []
+    for rank in range(world):
+        s = TrainSampler(range(n), batch_size, seed=7)
+        s.rank, s.world = rank, world
+        s.set_epoch(epoch)
+        s.start_index = start_step * batch_size
+        keys = list(s)
+        assert len(keys) == len(s) and all(e == epoch for e, _ in keys)
+        out.append([[i for _, i in keys[j:j + batch_size]] for j in range(0, len(keys), batch_size)])
+    return out
+
+
+def test_train_sampler_global_batches_do_not_depend_on_the_world_size():
+    one = sampler_batches(70, 4, 1, epoch=3)[0]  # 17 steps of 4; the last 2 samples dropped
+    two = sampler_batches(70, 4, 2, epoch=3)  # 8 steps of 2 x 4
+    assert len(one) == 17 and len(two[0]) == len(two[1]) == 8
+    for k in range(8):  # global batch k at 2 processes = steps 2k, 2k+1 at one
+        assert two[0][k] + two[1][k] == one[2 * k] + one[2 * k + 1]
+    assert sorted(sum(one, [])) == sorted(set(sum(one, [])))  # no sample twice
+    # a resume at step 3 of 2 processes continues where step 6 of one process does
+    resumed = sampler_batches(70, 4, 2, epoch=3, start_step=3)
+    assert [a + b for a, b in zip(*resumed)] == [a + b for a, b in zip(one[6::2], one[7::2])]
+    assert one != sampler_batches(70, 4, 1, epoch=4)[0]  # reshuffled per epoch
+
+
+def test_mask_noise_follows_the_sample_and_keeps_maes_masking():
+    from models_mae import MaskedAutoencoderViT
+    from util.datasets import SyntheticImages, mask_noise
+    crop = transforms.Compose([transforms.RandomResizedCrop(8), transforms.ToTensor()])
+    ds = EpochSeeded(SyntheticImages(4, image_size=16, transform=crop), seed=5, mask_patches=16)
+    _, target, noise = ds[(2, 1)]
+    assert noise.shape == (16,) and target == ds.dataset[1][1]
+    assert torch.equal(ds[(2, 1)][2], noise)  # the same mask wherever (rank, worker) the sample is loaded
+    assert not torch.equal(ds[(3, 1)][2], noise) and not torch.equal(ds[(2, 2)][2], noise)
+    assert torch.equal(ds[(2, 1)][0], EpochSeeded(ds.dataset, seed=5)[(2, 1)][0])  # the crops unchanged
+    # MAE's masking statistics: the exact ratio per sample, every patch equally likely, samples independent
+    noise = torch.stack([mask_noise(s, 16) for s in range(4000)])
+    _, mask, _ = MaskedAutoencoderViT.random_masking(torch.zeros(4000, 16, 1), 0.75, noise)
+    assert torch.all(mask.sum(1) == 12)
+    assert (mask.mean(0) - 0.75).abs().max() < 0.03  # 4000 samples: 3 standard deviations ~0.02
+    assert (mask[0::2] == mask[1::2]).all(1).float().mean() < 0.01

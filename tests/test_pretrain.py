@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_one_line_error, run_and_resume_after_epoch0, run_script
-from util.accumulation import accumulation_groups
+from util.accumulation import accumulation_groups, sync_steps
 from main_pretrain import build_train_loader, get_args_parser
 
 
@@ -55,6 +55,9 @@ def test_accum_iter_larger_than_epoch_still_updates(tmp_path, tiny_args):
     assert accumulation_groups(5, 2) == [(True, False, 2), (False, True, 2), (True, False, 2),
                                          (False, True, 2), (True, True, 1)]
     assert accumulation_groups(3, 8) == [(True, False, 3), (False, False, 3), (False, True, 3)]
+    # the all-reduce moves to a group's last step that runs; a fully skipped group has none
+    assert sync_steps(5, 2, set()) == {1, 3, 4} and sync_steps(5, 2, {1, 4}) == {0, 3}
+    assert sync_steps(6, 3, {1, 2, 3, 4, 5}) == {0}
     out = str(tmp_path / "accum")
     proc = run_script("main_pretrain.py", *tiny_args, "--accum_iter", "8", "--warmup_epochs", "0",
                       "--output_dir", out)  # 4 steps per epoch < accum_iter
@@ -200,8 +203,8 @@ def test_gpu_decode_loader_gives_the_pil_loaders_batches(tmp_path, tiny_args):
     for epoch in (0, 3):
         pil.sampler.set_epoch(epoch)
         dev.sampler.set_epoch(epoch)
-        for (want, t_want), (got, t_got) in zip(pil, dev):
-            assert torch.equal(t_got, t_want)  # same order, same labels
+        for (want, t_want, s_want), (got, t_got, s_got) in zip(pil, dev):
+            assert torch.equal(t_got, t_want) and torch.equal(s_got, s_want)  # same order, labels, masks
             assert got.shape == want.shape == (4, 3, 32, 32) and got.dtype == torch.float32
             # same crop and flip per sample (EpochSeeded), so only decoder and resampling
             # rounding differ: a few levels of 255 (util/gpu_aug.py)

@@ -1,13 +1,17 @@
 """Surviving kills: auto-resume, crash-safe checkpoints, exact continuation,
 preemption, non-finite retries and safe loading."""
 import datetime
+import hashlib
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, free_port, run_script
@@ -65,6 +69,10 @@ def kill_group(proc, sig):
 
 def final_model(out):
     return torch.load(os.path.join(out, "checkpoint-1.pth"), weights_only=True)["model"]
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def assert_same_weights(a, b):
@@ -186,3 +194,123 @@ def test_finetune_nonfinite_retry(tmp_path):
     stdout, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert "non-finite loss at epoch 1 step 1" in stdout and "skipping epoch 1 step 1" in stdout
+
+
+@pytest.mark.parametrize("accum_reg,skips,steps", [("micro", "1", 2), ("exact", "1", 2), ("micro", "2,3", 1)])
+def test_skipped_group_end_keeps_ddp_replicas_equal(tmp_path, accum_reg, skips, steps):
+    """A skipped last micro-step of a group: the group's last step that runs all-reduces,
+    so both ranks step on the same gradient (a fully skipped group steps on neither)."""
+    out = tmp_path / "res.json"
+    proc = run_script("tests/skip_group_end_worker.py", accum_reg, skips, out, torchrun=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["moved"] > 1e-4 and res["steps"] == steps
+    assert res["max_diff_across_ranks"] == 0.0
+
+
+def test_rank0_chooses_the_checkpoint_every_rank_resumes_from(tmp_path):
+    for rank, epochs in ((0, [0]), (1, [0, 1])):  # rank 1 sees a newer file than rank 0
+        (tmp_path / f"rank{rank}").mkdir()
+        for e in epochs:
+            torch.save({"epoch": e}, tmp_path / f"rank{rank}" / f"checkpoint-{e}.pth")
+    out = tmp_path / "chosen.json"
+    proc = run_script("tests/resume_choice_worker.py", tmp_path, out, torchrun=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = str(tmp_path / "rank0" / "checkpoint-0.pth")
+    assert json.loads(out.read_text()) == [[want, 0, want], [want, 0, want]]
+
+
+def test_checkpoints_load_memory_mapped_and_round_trip(tmp_path, monkeypatch):
+    """Resume maps the file (tensors read as used, not the whole file into each rank's RAM),
+    loads the same values, and training on them never writes into the checkpoint."""
+    from util.checkpoint import load_checkpoint
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = str(tmp_path / "checkpoint-0.pth")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0}, path)
+    on_disk = open(path, "rb").read()
+    state = load_checkpoint(path)
+    assert path in open("/proc/self/maps").read()  # mapped, not read
+    assert state["epoch"] == 0 and all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
+    again = torch.nn.Linear(4, 3)
+    opt2 = torch.optim.AdamW(again.parameters(), lr=0.1)
+    again.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optimizer"])  # CPU state may stay backed by the mapped file
+    again(torch.randn(2, 4)).sum().backward()
+    opt2.step()
+    assert open(path, "rb").read() == on_disk  # copy-on-write: the checkpoint is untouched
+    # a file system that cannot map files falls back to a plain load
+    plain = torch.load
+
+    def no_mmap(*a, mmap=None, **k):
+        if mmap:
+            raise RuntimeError("mmap not supported")
+        return plain(*a, **k)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    assert torch.equal(load_checkpoint(path)["model"]["weight"], model.weight.detach())
+
+
+# ---- resume on another number of processes ------------------------------------------------------
+# effective batch 16 = 8 x accum 1 x 2 processes = 8 x accum 2 x 1 process; 4 updates per epoch
+WORLD_RUN = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--batch_size", "8",
+             "--synthetic_size", "64", "--num_workers", "0", "--epochs", "2", "--warmup_epochs", "1",
+             "--print_freq", "2", "--val_interval", "0", "--vis_every", "0", "--save_every_steps", "2",
+             "--keep_last", "20", "--reg", "tcr", "--lamb", "0.1", "--blr", "1e-3"]
+ON = {2: ["--accum_iter", "1"], 1: ["--accum_iter", "2"]}
+
+
+def pretrain(out, world, *extra):
+    proc = run_script("main_pretrain.py", *WORLD_RUN, *ON[world], "--output_dir", out, *extra, torchrun=world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_close_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, (a[k] - b[k]).abs().max().item())
+
+
+def test_resume_on_another_world_size_matches_uninterrupted(tmp_path):
+    """Stopped mid-epoch at 2 processes, resumed at 1 x accum 2 (and 1 -> 2): the same samples,
+    crops and masks, the same weights up to float reduction order, as the uninterrupted runs."""
+    full = {w: tmp_path / f"full{w}" for w in (1, 2)}
+    for w in (1, 2):
+        pretrain(full[w], w)
+    cuts = {(2, 1): "checkpoint-0-step2.pth", (1, 2): "checkpoint-0-step6.pth"}  # samples 32 and 48 of 64
+    for (w, w2), name in cuts.items():
+        cut = tmp_path / f"cut{w}to{w2}"
+        cut.mkdir()
+        shutil.copy(full[w] / name, cut / name)
+        proc = pretrain(cut, w2)
+        step = {(2, 1): 4, (1, 2): 3}[(w, w2)]
+        assert f"starting at epoch 0 step {step}" in proc.stdout
+        assert_close_weights(final_model(cut), final_model(full[w]))
+        assert_close_weights(final_model(cut), final_model(full[w2]))
+    # the runs at 1 and 2 processes saw the same samples and masks in the same updates
+    assert_close_weights(final_model(full[1]), final_model(full[2]))
+
+
+def test_resume_with_another_effective_batch_is_refused(tmp_path):
+    out = tmp_path / "run"
+    pretrain(out, 2, "--epochs", "1")
+    before = {p: digest(p) for p, _, _ in list_checkpoints(str(out))}
+    proc = run_script("main_pretrain.py", *WORLD_RUN, "--accum_iter", "1", "--output_dir", out)  # 8 x 1 x 1
+    assert_one_line_error(proc, "effective batch 16", "this run's is 8", "--accum_iter 2")
+    assert {p: digest(p) for p, _, _ in list_checkpoints(str(out))} == before
+
+
+def test_two_process_nonfinite_retry_at_a_group_end(tmp_path):
+    """torchrun, 2 processes x accum 2 (--accum_reg micro): a NaN at epoch 1 step 1, the last
+    micro-step of a group, is retried from rank 0's choice of checkpoint and stepped over."""
+    out = tmp_path / "nan"
+    proc = run_script("tests/inject_nonfinite.py", "5", "main_pretrain.py", *WORLD_RUN, "--accum_iter", "2",
+                      "--accum_reg", "micro", "--nan_retries", "1", "--output_dir", out, torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "non-finite loss at epoch 1 step 1" in proc.stdout and "skipping epoch 1 step 1" in proc.stdout
+    state = torch.load(out / "checkpoint-1.pth", weights_only=True)
+    assert state["skip_steps"] == [[1, 1]] and state["effective_batch"] == 32
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from util import interop, preempt
-from util.dist import all_gather_object, any_rank, barrier, get_rank, is_dist, is_main_process
+from util.dist import (all_gather_object, any_rank, barrier, broadcast_object, get_rank, get_world_size, is_dist,
+                       is_main_process)
 from util.errors import UserError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
@@ -69,7 +70,7 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} is truncated or corrupt (not a torch zip archive)")
     try:
         with _allowing(argparse.Namespace):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _load_mapped(path)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(f"checkpoint {path} holds pickled objects and is refused "
@@ -80,6 +81,16 @@ def load_checkpoint(path):
     if isinstance(state, dict) and isinstance(state.get("args"), argparse.Namespace):
         state["args"] = vars(state["args"])
     return state
+
+
+def _load_mapped(path):
+    """torch.load memory-mapping the file: tensors are read from it as they are used
+    (copy-on-write), so a resume does not first read the whole file into every rank's
+    RAM. A file system that cannot map files gets a plain load."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError):  # no mmap here, or a corrupt file (the plain load says which)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _allowing(*types):
@@ -138,15 +149,26 @@ def list_checkpoints(output_dir):
 
 def find_resume_checkpoint(args, newest=False):
     """The checkpoint to continue from: --resume, else with --auto_resume (or newest)
-    the newest readable one in output_dir (a corrupt newest file is reported and skipped)."""
+    the newest readable one in output_dir (a corrupt newest file is reported and skipped).
+    Rank 0 looks and every rank loads its choice: ranks listing a network file system
+    can see different newest files."""
     if args.resume and not newest:
         return args.resume, load_checkpoint(args.resume)
     if not (args.auto_resume or newest):
-        if list_checkpoints(args.output_dir):
+        if broadcast_object(bool(list_checkpoints(args.output_dir))):
             raise UserError(f"{args.output_dir} already holds checkpoints; pass --auto_resume or "
                             "--resume, or choose another --output_dir (nothing was overwritten)")
         return None, None
-    for path, _, _ in list_checkpoints(args.output_dir):
+    path, state = newest_readable(args.output_dir) if is_main_process() else (None, None)
+    path = broadcast_object(path)
+    if path is not None and state is None:
+        state = load_checkpoint(path)
+    return path, state
+
+
+def newest_readable(output_dir):
+    """(path, state) of the newest checkpoint in output_dir that loads, or (None, None)."""
+    for path, _, _ in list_checkpoints(output_dir):
         try:
             return path, load_checkpoint(path)
         except UserError as e:
@@ -186,16 +208,18 @@ class RunState:
 
 
 def save_training(args, epoch, model, optimizer, scaler, step=None, run=None, logger_totals=None):
-    """Everything needed to continue: model, optimizer, grad scaler, position,
-    args (plain dict), the run's skipped steps, the epoch's metric sums so far and
-    every rank's RNG states. step=None marks the end of `epoch`; otherwise the run
-    continues at `step` of `epoch`. Old checkpoints beyond --keep_last are removed,
-    except every --save_every-th epoch's. Returns the path written."""
+    """Everything needed to continue: model, optimizer, grad scaler, position (in
+    steps of global_batch samples, with the effective batch, so that a run on another
+    world size continues at the same sample), args (plain dict), the run's skipped
+    steps, the epoch's metric sums so far and every rank's RNG states. step=None marks
+    the end of `epoch`; otherwise the run continues at `step` of `epoch`. Old
+    checkpoints beyond --keep_last are removed, except every --save_every-th epoch's.
+    Returns the path written."""
     done = epoch if step is None else epoch - 1  # last completed epoch (MAE's 'epoch')
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "epoch": done,
              "next_epoch": done + 1 if step is None else epoch, "next_step": step or 0,
-             "args": plain_args(args), "rng": gather_rng_states(),
+             **position_units(args), "args": plain_args(args), "rng": gather_rng_states(),
              "skip_steps": sorted(list(s) for s in (run.skip_steps if run else ())),
              "logger_totals": logger_totals}
     os.makedirs(args.output_dir, exist_ok=True)
@@ -242,8 +266,8 @@ def resume_training(args, model, optimizer, scaler, run=None):
             rngs = state.get("rng") or []
             if get_rank() < len(rngs):
                 set_rng_state(rngs[get_rank()])
-            fresh = RunState(epoch=state.get("next_epoch", state["epoch"] + 1), step=state.get("next_step", 0),
-                             skip_steps={tuple(s) for s in state.get("skip_steps", [])},
+            step, skip_steps = position_here(state, args, path)
+            fresh = RunState(epoch=state.get("next_epoch", state["epoch"] + 1), step=step, skip_steps=skip_steps,
                              logger_totals=state.get("logger_totals"))
             print(f"resumed from {path}; starting at epoch {fresh.epoch} step {fresh.step}")
     if run is None:
@@ -251,6 +275,43 @@ def resume_training(args, model, optimizer, scaler, run=None):
     run.epoch, run.step, run.logger_totals = fresh.epoch, fresh.step, fresh.logger_totals
     run.skip_steps |= fresh.skip_steps
     return run
+
+
+def position_units(args):
+    """global_batch (samples per step over all ranks: the unit of next_step and skip_steps)
+    and the effective batch; none for a checkpoint saved outside a training run."""
+    if not hasattr(args, "batch_size"):
+        return {}
+    per_step = args.batch_size * get_world_size()
+    return {"global_batch": per_step, "effective_batch": per_step * getattr(args, "accum_iter", 1)}
+
+
+def position_here(state, args, path):
+    """The checkpoint's next step and skipped (epoch, step)s in this run's steps of
+    batch_size x world samples (the saved run may have had another world size; the
+    sampler's global batches make step k samples [k*B*W, (k+1)*B*W) at any size).
+    Refuses another effective batch: it would change every update and the lr (an
+    --eval run, which does not train, takes any)."""
+    if getattr(args, "eval", False):
+        return 0, set()
+    per_step, world = args.batch_size * get_world_size(), get_world_size()
+    here = per_step * args.accum_iter
+    saved = state.get("effective_batch", here)  # older checkpoints do not say
+    if saved != here:
+        fix = (f"--accum_iter {saved // per_step}" if saved % per_step == 0 else
+               f"--batch_size and --accum_iter with batch_size x accum_iter x {world} = {saved}" if saved % world == 0
+               else f"a number of processes that divides {saved}")
+        raise UserError(f"checkpoint {path} was trained with effective batch {saved} (batch_size x accum_iter x "
+                        f"processes), this run's is {here} ({args.batch_size} x {args.accum_iter} x {world}): "
+                        f"resume with the same, e.g. {fix}")
+    unit = state.get("global_batch", per_step)
+    sample = state.get("next_step", 0) * unit
+    if sample % per_step:  # checkpoints are taken at group starts: a multiple of the effective batch
+        raise UserError(f"checkpoint {path} stopped at sample {sample} of its epoch, not a multiple of this run's "
+                        f"{per_step} samples per step")
+    skips = {(e, k) for e, s in state.get("skip_steps", [])  # the steps now holding a skipped step's samples
+             for k in range(s * unit // per_step, -(-(s + 1) * unit // per_step))}
+    return sample // per_step, skips
 
 
 def load_scaler_state(scaler, saved, path):

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
@@ -228,13 +228,16 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def train_loader(dataset, args, seed, collate_fn=None):
-    """Shuffled, rank-sharded loader dropping the last incomplete batch (as MAE),
-    with augmentation seeded per (epoch, sample); call loader.sampler.set_epoch."""
-    sampler = TrainSampler(dataset, seed)
+def train_loader(dataset, args, seed, collate_fn=None, mask_patches=0):
+    """Shuffled, rank-sharded loader dropping the last incomplete global batch (as MAE),
+    with augmentation seeded per (epoch, sample); call loader.sampler.set_epoch. With
+    mask_patches, each batch also holds every sample's mask noise (EpochSeeded)."""
+    sampler = TrainSampler(dataset, args.batch_size, seed)
+    if mask_patches and collate_fn is not None:
+        collate_fn = NoiseLast(collate_fn)
     # The loader's own generator: creating an iterator then draws nothing from the
-    # global RNG (which draws the masks), so a resumed run's masks match.
-    loader = DataLoader(EpochSeeded(dataset, seed), sampler=sampler, batch_size=args.batch_size,
+    # global RNG, so a resumed run's random draws match.
+    loader = DataLoader(EpochSeeded(dataset, seed, mask_patches), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(seed))
@@ -242,6 +245,16 @@ def train_loader(dataset, args, seed, collate_fn=None):
         raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "
                         f"({args.batch_size} x {get_world_size()} ranks)")
     return loader
+
+
+class NoiseLast:
+    """A collate_fn for (..., mask noise) samples: `collate` on the rest, the noise stacked after."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, batch):
+        return (*self.collate([b[:-1] for b in batch]), torch.stack([b[-1] for b in batch]))
 
 
 class NormalizeOnDevice:
@@ -258,9 +271,9 @@ class NormalizeOnDevice:
         return len(self.loader)
 
     def __iter__(self):
-        for images, targets in self.loader:
+        for images, *rest in self.loader:  # rest: targets (and mask seeds)
             images = images.to(self.device, non_blocking=True)
-            yield (images.float() - self.mean) / self.std, targets
+            yield (images.float() - self.mean) / self.std, *rest
 
 
 def on_device(loader, normalize, device):
@@ -273,17 +286,19 @@ def eval_loader(dataset, args, batch_size=None):
                       num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)
 
 
-# ---- reproducible augmentation ----------------------------------------------------
+# ---- reproducible augmentation and masks ----------------------------------------------
 class EpochSeeded(Dataset):
     """Draws each sample's augmentation from a generator seeded by (seed, epoch, index).
 
     Indexed by (epoch, index) pairs from TrainSampler. The augmentation is then the
-    same whatever the number of workers, and a run resumed mid-epoch sees exactly
-    the crops an uninterrupted run would. The caller's RNG states are restored.
+    same whatever the number of workers or ranks, and a run resumed mid-epoch sees
+    exactly the crops an uninterrupted run would. The caller's RNG states are restored.
+    With mask_patches, a sample is (image, target, mask noise): mask_noise from a second
+    word of the same seed sequence, so the mask too follows the sample, not the rank.
     """
 
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset, seed, mask_patches=0):
+        self.dataset, self.seed, self.mask_patches = dataset, seed, mask_patches
         self.classes = getattr(dataset, "classes", None)
 
     def __len__(self):
@@ -291,31 +306,50 @@ class EpochSeeded(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        s = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        s, mask_seed = (int(x) for x in np.random.SeedSequence([self.seed, epoch, index]).generate_state(2))
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
             random.seed(s)
             np.random.seed(s)
             try:
-                return self.dataset[index]
+                sample = self.dataset[index]
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+        return (*sample, mask_noise(mask_seed, self.mask_patches)) if self.mask_patches else sample
 
 
-class TrainSampler(DistributedSampler):
-    """DistributedSampler (shuffled per epoch, rank-sharded) that yields
-    (epoch, index) pairs for EpochSeeded and can start part-way into the epoch."""
+def mask_noise(seed, num_patches):
+    """One sample's mask noise: MAE's torch.rand(L) per sample, whose argsort is a uniformly
+    random patch order (random_masking keeps the smallest), from the sample's own generator."""
+    return torch.rand(num_patches, generator=torch.Generator().manual_seed(seed))
 
-    def __init__(self, dataset, seed):
-        super().__init__(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
-                         seed=seed, drop_last=True)
-        self.start_index = 0
+
+class TrainSampler(Sampler):
+    """Shuffled per epoch (DistributedSampler's permutation: randperm seeded by seed +
+    epoch) and cut into global batches of batch_size x world samples, rank r taking the
+    r-th batch_size of each. Global batch k is then positions [k*B*W, (k+1)*B*W) of the
+    permutation at any world size, so an accumulation group of one effective batch holds
+    the same samples whether it is split over ranks or over micro-steps, and a resume
+    on another world size addresses the global sample position. Yields (epoch, index)
+    pairs for EpochSeeded; start_index skips this rank's first samples (a resume at
+    step k sets k * batch_size). The last incomplete global batch is dropped (as MAE)."""
+
+    def __init__(self, dataset, batch_size, seed):
+        self.size, self.batch_size, self.seed = len(dataset), batch_size, seed
+        self.rank, self.world = get_rank(), get_world_size()
+        self.epoch, self.start_index = 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.start_index:]
-        return iter([(self.epoch, i) for i in indices])
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        b, per_step = self.batch_size, self.batch_size * self.world
+        for k in range(self.start_index // b, self.size // per_step):
+            first = k * per_step + self.rank * b
+            yield from ((self.epoch, i) for i in order[first:first + b])
 
     def __len__(self):
-        return self.num_samples - self.start_index
+        return self.size // (self.batch_size * self.world) * self.batch_size - self.start_index

@@ -197,3 +197,12 @@ def gather_with_grad(x):
     if not is_dist() or get_world_size() == 1:
         return x
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+
+
+def broadcast_object(obj, src=0):
+    """Rank `src`'s picklable `obj` on every rank (one process: `obj` itself)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -152,7 +152,7 @@ def decode_augment(datas, params, input_size, device, norm=None):
 
 class DeviceDecodeLoader:
     """Wraps a DataLoader of collate_encoded batches; yields (decoded, augmented and
-    normalised images on `device`, targets), as the PIL pipeline's loader would.
+    normalised images on `device`, targets[, mask noise]), as the PIL pipeline's loader would.
     Keeps the wrapped loader's sampler and length (set_epoch, mid-epoch resume).
 
     On CUDA the decode runs one batch ahead on a side stream: batch k+1 is queued before
@@ -176,23 +176,24 @@ class DeviceDecodeLoader:
         return len(self.loader)
 
     def start(self, batch):
-        """Queue the decode of a (datas, params, targets) batch: (images, targets, event)."""
-        datas, params, targets = batch
+        """Queue the decode of a (datas, params, targets[, mask noise]) batch: (images, the
+        rest, event)."""
+        datas, params, *rest = batch
         if self.stream is None:
-            return decode_augment(datas, params, self.input_size, self.device, self.norm), targets, None
+            return decode_augment(datas, params, self.input_size, self.device, self.norm), rest, None
         with torch.cuda.stream(self.stream):
             self.stream.synchronize()  # nothing queued here may still read a block nvJPEG gets
             images = decode_augment(datas, params, self.input_size, self.device, self.norm)
-            return images, targets, self.stream.record_event()
+            return images, rest, self.stream.record_event()
 
     def hand_over(self, started):
         """The started batch, safe to use on the current stream."""
-        images, targets, done = started
+        images, rest, done = started
         if done is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
             images.record_stream(current)
-        return images, targets
+        return (images, *rest)
 
     def __iter__(self):
         batches = iter(self.loader)

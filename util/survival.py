@@ -8,7 +8,7 @@ import torch
 
 from util import preempt
 from util.checkpoint import list_checkpoints
-from util.dist import all_reduce_min
+from util.dist import all_reduce_min, broadcast_object
 from util.errors import UserError
 
 
@@ -43,15 +43,16 @@ class NonFiniteGuard:
 
 def run_with_retries(args, run, train, reload):
     """Call train() (the epoch loop). On a non-finite loss with --nan_retries left,
-    add the bad step to run.skip_steps, reload() the newest checkpoint and train
-    again. On preemption (its checkpoint is already written) requeue the SLURM job
-    and return normally, so the process exits 0."""
+    add the bad step to run.skip_steps (the same step on every rank: the guard agrees
+    over ranks), reload() the newest checkpoint (rank 0's choice) and train again. On
+    preemption (its checkpoint is already written) requeue the SLURM job and return
+    normally, so the process exits 0."""
     retries = 0
     while True:
         try:
             return train()
         except NonFiniteLoss as e:
-            if retries >= args.nan_retries or not list_checkpoints(args.output_dir):
+            if retries >= args.nan_retries or not broadcast_object(bool(list_checkpoints(args.output_dir))):
                 raise
             retries += 1
             print(f"{e}\nretry {retries}/{args.nan_retries}: reloading the last checkpoint, "
