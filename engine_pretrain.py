@@ -76,9 +76,11 @@ def regulariser_grads(model, batches, group_size, args):
     return [(n, g, reg.detach()) for n, g in zip(noises, grad.split([f.shape[0] for f in feats]))]
 
 
-def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, device, epoch, run, saver, args,
+def train_one_epoch(model, feature_model, data_loader, optimizer, scaler, device, epoch, run, saver, args,
                     log_writer=None):
-    """One epoch from run.start_step(epoch); returns the epoch's averaged metrics."""
+    """One epoch from run.start_step(epoch); returns the epoch's averaged metrics. `model` is
+    what trains (DDP/compile wrapped); `feature_model` is what regulariser_grads runs the
+    encoder of: the bare model, or main_pretrain.CompiledFeatures under --compile."""
     model.train()
     start = run.start_step(epoch)
     num_steps = start + len(data_loader)
@@ -114,7 +116,7 @@ def train_one_epoch(model, model_without_ddp, data_loader, optimizer, scaler, de
                             noise))
         if exact and not last:
             continue  # the exact regulariser needs the features of the whole group first
-        cache = regulariser_grads(model_without_ddp, pending, group_size, args) if exact and pending else None
+        cache = regulariser_grads(feature_model, pending, group_size, args) if exact and pending else None
         for i, (at, samples, targets, noise) in enumerate(pending):
             noise, reg_grad, loss_reg = cache[i] if cache else (noise, None, None)
             with maybe_no_sync(model, sync=at in syncs):

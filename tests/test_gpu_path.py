@@ -476,7 +476,7 @@ def test_compile_exact_accumulation_feature_pass_is_compiled_and_gives_eager_gra
     from main_pretrain import CompiledFeatures
     model = tiny()
     args = step_args(amp="none", accum_iter=2)
-    batches = [(i, x, y) for i, (x, y) in enumerate(data(n_batches=2))]
+    batches = [(i, x, y, None) for i, (x, y) in enumerate(data(n_batches=2))]  # masks drawn here
     torch.manual_seed(0)
     eager = regulariser_grads(model, batches, 2, args)
     torch._dynamo.reset()
