@@ -70,7 +70,7 @@ def get_args_parser():
 
 
 def resolve_args(args, state):
-    """Fill unset settings from the checkpoint's args, then check everything."""
+    """Fill unset settings from the checkpoint's args, then check everything; returns the notes."""
     saved = state.get("args") if isinstance(state.get("args"), dict) else {}
     for k, default in FROM_CHECKPOINT.items():
         if getattr(args, k) is None:
@@ -89,7 +89,7 @@ def resolve_args(args, state):
     args.pools = [p for p in (args.pools or ("avg" if args.global_pool else "cls")).split(",") if p]
     if not args.pools or any(p not in POOLS for p in args.pools):
         raise UserError(f"--pools must name some of {', '.join(POOLS)}, got {','.join(args.pools)}")
-    check_common_args(args)
+    return check_common_args(args)  # notes (MAE's flags that mean nothing here)
 
 
 def build_model(args, sd):
@@ -175,8 +175,10 @@ def main(args):
     sd = state.get("model") if isinstance(state, dict) else None
     if not isinstance(sd, dict):
         raise UserError(f"checkpoint {args.checkpoint} has no 'model' entry with a state dict")
-    resolve_args(args, state)
+    notes = resolve_args(args, state)
     device = init_distributed_mode(args)
+    for note in notes:
+        print(f"note: {note}")
     seed_everything(args.seed)
 
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size))

@@ -221,3 +221,12 @@ def test_imagenet100_list_is_cmcs_100_wnids():
     assert len(wnids) == len(set(wnids)) == 100
     assert all(w[0] == "n" and len(w) == 9 and w[1:].isdigit() for w in wnids)
     assert wnids[:3] == ["n02869837", "n01749939", "n02488291"] and wnids[-1] == "n02090622"  # CMC's order
+
+
+def test_main_analyze_says_that_maes_world_size_is_ignored():
+    """main_analyze returns check_common_args' notes (printed at start), as the other entry points do."""
+    import main_analyze
+    args = main_analyze.get_args_parser().parse_args(["--checkpoint", "ckpt.pth", "--world_size", "8",
+                                                       "--model", "mae_vit_tiny_patch16"])
+    notes = main_analyze.resolve_args(args, {"model": {}})
+    assert any("--world_size 8 ignored" in n for n in notes), notes
