@@ -28,6 +28,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from util.errors import UserError
+from util.shards import read_bytes
 
 RESIZE_MODES = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
 # libjpeg-turbo colour spaces it converts to RGB itself; grey stays one channel until the end
@@ -47,8 +48,7 @@ class EncodedImage:
     """One file's bytes and header: size, and how it will be decoded."""
 
     def __init__(self, path):
-        with open(path, "rb") as f:
-            self.raw = raw = f.read()
+        self.raw = raw = read_bytes(path)  # a file, or a shard's util.shards.Member
         try:
             self.height, self.width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
             self.turbo = TURBO_OUTPUT.get(colorspace)  # None: CMYK/YCCK go to PIL
