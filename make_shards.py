@@ -8,12 +8,13 @@ Each image keeps its file's bytes, in the ImageFolder's order (sorted classes, t
 files). Interrupted, it resumes: a shard is written as NAME.tmp and renamed when complete,
 the index is written last; a rerun keeps the finished shards that hold what the source says
 (names, sizes, labels) and rewrites the rest. --verify reads every shard back and checks
-counts, labels and bytes against the source.
+counts, labels and bytes against the source. Progress bars go to stdout, errors to stderr.
 """
 import argparse
 import io
 import json
 import os
+import sys
 import tarfile
 
 from torchvision import datasets
@@ -134,7 +135,7 @@ def convert_split(src, dst, split, limit):
             os.remove(os.path.join(out, name))
     if shards:
         print(f"{split}: keeping {len(shards)} finished shards ({start} images)")
-    with tqdm(total=len(samples), initial=start, unit="img", desc=split, dynamic_ncols=True) as bar:
+    with tqdm(total=len(samples), initial=start, unit="img", desc=split, file=sys.stdout) as bar:
         while start < len(samples):
             path = shard(len(shards))
             end, sizes = write_shard(path, root, samples, start, limit, bar)
@@ -167,7 +168,7 @@ def verify_split(src, dst, split):
         found = [(o, n, t) for _, o, n, t in scan_shard(path)]
         if found != list(zip(s["offsets"], s["sizes"], s["labels"])):
             raise UserError(f"shard {path}: members differ from its index")
-    for i in tqdm(range(len(ds)), unit="img", desc=f"verify {split}", dynamic_ncols=True):
+    for i in tqdm(range(len(ds)), unit="img", desc=f"verify {split}", file=sys.stdout):
         raw, label = ds[i]
         name, want = samples[i]
         if ds.names[i] != name or label != want:

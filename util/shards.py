@@ -92,6 +92,7 @@ class ShardImageFolder(Dataset):
     use, and keeps it open; a forked DataLoader worker opens its own."""
 
     def __init__(self, root, transform=None, classes=None, loader=None):
+        self.pid, self.fds = None, {}  # this process's open shards (see fd)
         index = load_index(root)
         self.root, self.transform, self.loader = root, transform, loader
         shards = index["shardlist"]
@@ -116,7 +117,6 @@ class ShardImageFolder(Dataset):
         self.targets = labels[rows].tolist() if classes is None else new[labels[rows]].tolist()
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples = [(names[r], t) for r, t in zip(rows, self.targets)]
-        self.pid, self.fds = None, {}
 
     def check_sizes(self, shards):
         """Fail now, with the first missing member named, if a shard is cut short."""
