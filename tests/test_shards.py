@@ -231,3 +231,15 @@ def test_killed_mid_epoch_on_shards_ends_with_the_weights_of_an_imagefolder_run(
     assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
     logs = [[json.loads(line)["train_loss"] for line in open(d / "log.txt")] for d in (tmp_path / "ref", out)]
     assert logs[0] == logs[1]
+
+
+def test_two_ranks_on_shards_end_with_the_weights_of_two_ranks_on_files(data, tmp_path):
+    """The rank partition carries over: torchrun with 2 processes, shards vs ImageFolder."""
+    src, dst = data
+    base = [a for a in RUN if a not in ("--synthetic_size", "64")] + ["--batch_size", "2", "--epochs", "1"]
+    for name, path in (("files", src), ("shards", dst)):
+        proc = launch(tmp_path / name, "--data_path", path, base=base, torchrun=2)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    final = [torch.load(tmp_path / n / "checkpoint-0.pth", weights_only=True)["model"] for n in ("files", "shards")]
+    assert_same_weights(*final)

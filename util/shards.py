@@ -25,7 +25,6 @@ order, every worker touches every shard. Our index holds each member's offset in
 """
 import json
 import os
-import tarfile
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -46,6 +45,14 @@ def padded(n):
     return (n + BLOCK - 1) // BLOCK * BLOCK
 
 
+def octal(field):
+    """A tar header's number field (None if it is not one)."""
+    try:
+        return int(field.strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return None
+
+
 def member_names(index, name):
     """Tar member names of sample `index` whose source file is `name`: (image, label)."""
     key = f"{index:08d}"
@@ -55,13 +62,14 @@ def member_names(index, name):
 class Member:
     """One image in a shard: its bytes, and a name for error messages. The image loaders
     (util.datasets.checked_loader, util.jpeg.DecodeCrop, util.gpu_aug.read_encoded) take
-    it where an ImageFolder gives them a path."""
+    it where an ImageFolder gives them a path. `name` may be a function (called for
+    messages only)."""
 
     def __init__(self, raw, name):
         self.raw, self.name = raw, name
 
     def __str__(self):
-        return self.name
+        return self.name() if callable(self.name) else self.name
 
 
 def read_bytes(source):
@@ -151,27 +159,25 @@ class ShardImageFolder(Dataset):
         return self.fds[shard]
 
     def read(self, i):
-        """Sample i's Member, in one read: the image, then the label member's header and
-        data, which must name this sample and hold its label."""
+        """Sample i's Member, in one system call (preadv): the image into its own buffer, then
+        the label member's header and data, which must name this sample and hold its label."""
         r = self.rows[i]
-        s, offset, size, label = self.shard_of[r], int(self.offsets[r]), int(self.sizes[r]), int(self.labels[r])
-        image, cls = member_names(r, self.names[r])
-        where = f"shard {self.paths[s]}: member {image}"
+        s, size, label = self.shard_of[r], int(self.sizes[r]), int(self.labels[r])
         text = str(label).encode()
-        want = padded(size) + BLOCK + len(text)
-        buf = os.pread(self.fd(s), want, offset)
-        if len(buf) < want:
-            raise UserError(f"{where}: truncated ({len(buf)} of {want} bytes)")
-        try:
-            info = tarfile.TarInfo.frombuf(buf[padded(size):padded(size) + BLOCK], "utf-8", "surrogateescape")
-        except tarfile.HeaderError:
-            info = None
-        if info is None or info.name != cls:
-            found = "no tar header" if info is None else f"found {info.name}"
-            raise UserError(f"{where}: its label member {cls} is missing ({found})")
-        if buf[-len(text):] != text or info.size != len(text):
-            raise UserError(f"{where}: label in the shard differs from its index ({label})")
-        return Member(buf[:size], f"{where} ({self.names[r]})")
+        raw, tail = bytearray(size), bytearray(padded(size) - size + BLOCK + len(text))
+        got = os.preadv(self.fd(s), [raw, tail], int(self.offsets[r]))
+        if got < len(raw) + len(tail):
+            raise UserError(f"{self.where(r)}: truncated ({got} of {len(raw) + len(tail)} bytes)")
+        header = tail[padded(size) - size:-len(text)]  # the label member's: its name and size fields
+        name, cls = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace"), f"{r:08d}.cls"
+        if name != cls:
+            raise UserError(f"{self.where(r)}: its label member {cls} is missing (found {name or 'no member'})")
+        if octal(header[124:136]) != len(text) or tail[-len(text):] != text:
+            raise UserError(f"{self.where(r)}: label in the shard differs from its index ({label})")
+        return Member(raw, lambda: f"{self.where(r)} ({self.names[r]})")
+
+    def where(self, r):
+        return f"shard {self.paths[self.shard_of[r]]}: member {member_names(r, self.names[r])[0]}"
 
     def __getitem__(self, i):
         sample = self.loader(self.read(i))
