@@ -96,15 +96,48 @@ def make_smoke(root):
 
 
 # ---- the training loader --------------------------------------------------------------------
-def make_loader(path, input_size, workers, indices, batch):
+def parse(path, input_size, workers, batch):
     from main_pretrain import get_args_parser
-    from util.datasets import build_train_set, on_device, pretrain_transform, train_loader
-    args = get_args_parser().parse_args(["--data_path", path, "--input_size", str(input_size), "--batch_size",
+    return get_args_parser().parse_args(["--data_path", path, "--input_size", str(input_size), "--batch_size",
                                          str(batch), "--num_workers", str(workers), "--no_pin_mem"])
+
+
+def make_loader(path, input_size, workers, indices, batch, gpu_decode=False):
+    """main_pretrain's training loader over the images `indices`, and the dataset's build
+    time. gpu_decode: its worker side only (read + JPEG header + crop box; the decode and
+    augmentation would run on the GPU)."""
+    from util.datasets import build_dataset, build_train_set, on_device, pretrain_transform, train_loader
+    from util.gpu_aug import PlanCrop, collate_encoded, read_encoded
+    args = parse(path, input_size, workers, batch)
     t0 = time.perf_counter()
+    if gpu_decode:
+        dataset = build_dataset(args, "train", PlanCrop(), loader=read_encoded)
+        build_s = time.perf_counter() - t0
+        return train_loader(Subset(dataset, indices), args, seed=0, collate_fn=collate_encoded), build_s
     dataset, normalize = build_train_set(args, pretrain_transform(input_size))
     build_s = time.perf_counter() - t0
     return on_device(train_loader(Subset(dataset, indices), args, seed=0), normalize, "cpu"), build_s
+
+
+def read_cost(paths, args, indices, label):
+    """Microseconds per image to fetch its bytes alone (dataset[i] with util.shards.read_bytes
+    as the loader, in this process: no decode, no workers)."""
+    from util.datasets import build_dataset
+    from util.shards import read_bytes
+    sets = {name: build_dataset(parse(path, args.input_size, 0, 1), "train", None, loader=read_bytes)
+            for name, path in paths.items()}
+    got = collections.defaultdict(list)
+    for r in range(args.rounds + 1):
+        for name in (list(sets) if r % 2 == 0 else list(sets)[::-1]):
+            t0 = time.perf_counter()
+            for i in indices:
+                sets[name][i]
+            if r:  # round 0 warms the caches and opens the shards
+                got[name].append((time.perf_counter() - t0) / len(indices) * 1e6)
+    med = {k: statistics.median(v) for k, v in got.items()}
+    ratio = statistics.median(f / s for f, s in zip(got["files"], got["shards"]))
+    print(f"{label:<19} read only      files {med['files']:7.0f} us / shards {med['shards']:7.0f} us per image: "
+          f"shards {ratio:.2f}x faster (1 process, no decode; load {load()})", flush=True)
 
 
 def schedstat(pids):
@@ -119,7 +152,7 @@ def schedstat(pids):
 def workers_of(loader):
     """The pids of a (NormalizeOnDevice-wrapped) loader's persistent workers: private
     DataLoader state, read here for the benchmark only."""
-    return [w.pid for w in loader.loader._iterator._workers]
+    return [w.pid for w in getattr(loader, "loader", loader)._iterator._workers]
 
 
 def epoch(loader, e):
@@ -127,8 +160,8 @@ def epoch(loader, e):
     loader.sampler.set_epoch(e)
     pids = workers_of(loader)
     s0, t0, n = schedstat(pids), time.perf_counter(), 0
-    for images, _ in loader:
-        n += len(images)
+    for batch in loader:
+        n += len(batch[-1])  # the targets
     wall, (cpu, waited) = time.perf_counter() - t0, (schedstat(pids) - s0) / 1e9
     return n, wall, cpu, waited
 
@@ -152,8 +185,9 @@ def compare(paths, args, indices, label, counter=None):
     for workers in args.workers:
         loaders, got, builds, requests = {}, collections.defaultdict(list), {}, {}
         for name, path in paths.items():
-            loaders[name], builds[name] = make_loader(path, args.input_size, workers, indices, batch)
-            iter(loaders[name].loader)  # start the persistent workers
+            loaders[name], builds[name] = make_loader(path, args.input_size, workers, indices, batch,
+                                                      args.gpu_decode)
+            iter(getattr(loaders[name], "loader", loaders[name]))  # start the persistent workers
             epoch(loaders[name], 0)  # shards opened, page cache warm
         for r in range(args.rounds):
             for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
@@ -319,6 +353,8 @@ def get_args():
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--latency_ms", type=float, default=1.0, help="simulated latency of every file-system request")
+    p.add_argument("--gpu_decode", action="store_true", help="time the worker side of --gpu_decode's loader "
+                   "(read, JPEG header, crop box) instead of the default fast-decode loader")
     p.add_argument("--smoke", action="store_true", help="64 generated JPEGs, 1 round")
     p.add_argument("--one_epoch", default=None, help=argparse.SUPPRESS)  # count_calls' child
     p.add_argument("--indices", default=None, help=argparse.SUPPRESS)
@@ -337,6 +373,7 @@ def main():
     indices = pick(shards, args.images)
     args.batch_size = min(args.batch_size, len(indices))
     print(f"{args.dataset}: {len(indices)} of the training images per epoch, batch {args.batch_size}, "
+          f"{'the worker side of --gpu_decode' if args.gpu_decode else 'the default fast-decode loader'}, "
           f"{args.input_size} px, {args.rounds} rounds; data in {work}; torch {torch.__version__}, "
           f"{os.cpu_count()} cores, load {load()}", flush=True)
     paths = {"files": folder, "shards": shards}
@@ -344,13 +381,15 @@ def main():
         for name, path in paths.items():
             calls = count_calls(path, args, indices, work)
             print(f"calls per 1,000 images ({name:<6}, strace, 1 worker): "
-                  + "  ".join(f"{k} {v:.0f}" for k, v in calls.items()) + f"  = {sum(calls.values()):.0f}", flush=True)
+                  + "  ".join(f"{k} {v:.0f}" if v >= 10 else f"{k} {v:.1f}" for k, v in calls.items()) + f"  = {sum(calls.values()):.0f}", flush=True)
     else:
         print("strace not found (bash benchmarks/install_shard_bench.sh): no call counts")
+    read_cost(paths, args, indices, "local disk")
     compare(paths, args, indices, "local disk")
     counter = Counter()
     with SimulatedFS(work, args.latency_ms, counter) as mnt:
         sim = {name: os.path.join(mnt, os.path.relpath(path, work)) for name, path in paths.items()}
+        read_cost(sim, args, indices, f"simulated FS {args.latency_ms:g} ms")
         compare(sim, args, indices, f"simulated FS {args.latency_ms:g} ms", counter)
 
 
