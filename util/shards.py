@@ -159,22 +159,22 @@ class ShardImageFolder(Dataset):
         return self.fds[shard]
 
     def read(self, i):
-        """Sample i's Member, in one system call (preadv): the image into its own buffer, then
-        the label member's header and data, which must name this sample and hold its label."""
+        """Sample i's Member, in one read (os.pread): the image, then the label member's
+        header and data, which must name this sample and hold its label."""
         r = self.rows[i]
         s, size, label = self.shard_of[r], int(self.sizes[r]), int(self.labels[r])
         text = str(label).encode()
-        raw, tail = bytearray(size), bytearray(padded(size) - size + BLOCK + len(text))
-        got = os.preadv(self.fd(s), [raw, tail], int(self.offsets[r]))
-        if got < len(raw) + len(tail):
-            raise UserError(f"{self.where(r)}: truncated ({got} of {len(raw) + len(tail)} bytes)")
-        header = tail[padded(size) - size:-len(text)]  # the label member's: its name and size fields
+        want = padded(size) + BLOCK + len(text)
+        buf = os.pread(self.fd(s), want, int(self.offsets[r]))
+        if len(buf) < want:
+            raise UserError(f"{self.where(r)}: truncated ({len(buf)} of {want} bytes)")
+        header = buf[padded(size):padded(size) + BLOCK]  # the label member's: its name and size fields
         name, cls = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace"), f"{r:08d}.cls"
         if name != cls:
             raise UserError(f"{self.where(r)}: its label member {cls} is missing (found {name or 'no member'})")
-        if octal(header[124:136]) != len(text) or tail[-len(text):] != text:
+        if octal(header[124:136]) != len(text) or buf[-len(text):] != text:
             raise UserError(f"{self.where(r)}: label in the shard differs from its index ({label})")
-        return Member(raw, lambda: f"{self.where(r)} ({self.names[r]})")
+        return Member(buf[:size], lambda: f"{self.where(r)} ({self.names[r]})")
 
     def where(self, r):
         return f"shard {self.paths[self.shard_of[r]]}: member {member_names(r, self.names[r])[0]}"
