@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,6 @@ import tarfile
 
 import pytest
 import torch
-from PIL import Image
 
 import make_shards
 from conftest import assert_one_line_error, run_script
