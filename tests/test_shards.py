@@ -12,12 +12,13 @@ import tarfile
 
 import pytest
 import torch
+from torch.utils.data import Subset
 
 import make_shards
 from conftest import assert_one_line_error, run_script
 from test_data_pipeline import jpeg_folder, photo, save
 from test_survival import RUN, assert_same_weights, final_model, kill_group, launch, wait_for_position
-from util.datasets import SubsetImageFolder
+from util.datasets import EpochSeeded, SubsetImageFolder, checked_loader
 from util.errors import UserError
 from util.shards import ShardImageFolder, read_bytes
 
@@ -163,6 +164,56 @@ def test_linprobe_finetune_and_eval_batches_equal_the_imagefolder_ones(data, tmp
             got.append((batches(d.train_loader), list(d.val_loader)))
         assert_same_batches(got[0][0], got[1][0])
         assert_same_batches(got[0][1], got[1][1])
+
+
+def test_a_batch_read_together_gives_the_samples_of_reads_one_by_one(data):
+    """EpochSeeded.__getitems__ (the DataLoader's batch fetch) prefetches a batch's bytes, also
+    through a torch Subset: the same crops, flips and mask noise as per-item reads and as the
+    ImageFolder, and nothing left over."""
+    from torchvision import transforms
+    src, dst = data
+    aug = transforms.Compose([transforms.RandomResizedCrop(16), transforms.RandomHorizontalFlip(),
+                              transforms.PILToTensor()])
+    shards = ShardImageFolder(os.path.join(dst, "train"), aug, loader=checked_loader)
+    files = EpochSeeded(Subset(SubsetImageFolder(os.path.join(src, "train"), aug), range(1, 14)), 3, 4)
+    batched = EpochSeeded(Subset(shards, range(1, 14)), 3, 4)
+    keys = [(2, i) for i in (7, 0, 12, 3, 5)]
+    got, one_by_one, want = batched.__getitems__(keys), [batched[k] for k in keys], files.__getitems__(keys)
+    assert shards.fetched == {}
+    for g, o, w in zip(got, one_by_one, want):
+        assert torch.equal(g[0], o[0]) and torch.equal(g[0], w[0]) and g[1] == o[1] == w[1]
+        assert torch.equal(g[2], o[2]) and torch.equal(g[2], w[2])
+    assert [s[1] for s in shards.__getitems__([4, 2])] == [shards.targets[4], shards.targets[2]]
+
+
+def test_the_loader_reads_a_batch_concurrently_before_its_first_decode(data, monkeypatch):
+    """Through train_loader's DataLoader (its fetcher calls __getitems__): a batch's reads are
+    all in flight at once (a barrier of batch-size parties would time out on serial reads),
+    and all precede the batch's first decode."""
+    import threading
+    from argparse import Namespace
+    from util.datasets import train_loader
+    src, dst = data
+    events, real, barrier = [], os.pread, threading.Barrier(4, timeout=30)
+
+    def pread(fd, n, offset):
+        events.append("read")
+        barrier.wait()
+        return real(fd, n, offset)
+
+    def loader(member):
+        events.append("decode")
+        return read_bytes(member)
+    monkeypatch.setattr(os, "pread", pread)
+    args = Namespace(batch_size=4, num_workers=0, pin_mem=False)
+    shards = ShardImageFolder(os.path.join(dst, "train"), loader=loader)
+    loader = train_loader(shards, args, seed=0, collate_fn=lambda b: list(zip(*b)))
+    images, targets = next(iter(loader))
+    assert events == ["read"] * 4 + ["decode"] * 4
+    first = [i for _, i in list(loader.sampler)[:4]]
+    files = SubsetImageFolder(os.path.join(src, "train"))
+    assert list(images) == [open(files.samples[i][0], "rb").read() for i in first]
+    assert list(targets) == [files.targets[i] for i in first]
 
 
 # ---- bad shards --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import random
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
@@ -322,6 +322,21 @@ class EpochSeeded(Dataset):
                 random.setstate(py_state)
                 np.random.set_state(np_state)
         return (*sample, mask_noise(mask_seed, self.mask_patches)) if self.mask_patches else sample
+
+    def __getitems__(self, keys):
+        """A batch (the DataLoader's fetcher calls this): the samples' bytes are read together
+        where the dataset can (prefetch), then each sample is made exactly as by __getitem__."""
+        prefetch(self.dataset, [index for _, index in keys])
+        return [self[key] for key in keys]
+
+
+def prefetch(dataset, indices):
+    """Let `dataset` (also under torch Subsets) read these samples' bytes at once, if it can
+    (util.shards.ShardImageFolder.prefetch); the samples are unchanged."""
+    while isinstance(dataset, Subset):
+        indices, dataset = [dataset.indices[i] for i in indices], dataset.dataset
+    if hasattr(dataset, "prefetch"):
+        dataset.prefetch(indices)
 
 
 def mask_noise(seed, num_patches):

@@ -4,6 +4,8 @@ On shared file systems (Lustre, GPFS, NFS) an ImageFolder costs every image an o
 stat, reads and a close, each a round trip to the servers. A split converted to shards is
 a few hundred files of a few hundred MB, opened once per worker process; each image is
 then one positioned read (os.pread) of its bytes and its label (benchmarks/shard_speed.py).
+A training batch's reads are issued together (prefetch, from util.datasets.EpochSeeded's
+__getitems__): on a network file system their round trips then overlap instead of adding up.
 
 Layout of a shard root (the webdataset layout, so webdataset and wids read it too):
 
@@ -25,6 +27,7 @@ order, every worker touches every shard. Our index holds each member's offset in
 """
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -34,6 +37,7 @@ from util.errors import UserError
 INDEX = "index.json"
 FORMAT = "mae-shards/1"
 BLOCK = 512  # tar block
+READERS = 16  # concurrent reads per process in prefetch: a 1 ms round trip each, overlapped
 
 
 def is_shard_split(root):
@@ -100,7 +104,8 @@ class ShardImageFolder(Dataset):
     use, and keeps it open; a forked DataLoader worker opens its own."""
 
     def __init__(self, root, transform=None, classes=None, loader=None):
-        self.pid, self.fds = None, {}  # this process's open shards (see fd)
+        self.pid, self.fds, self.pool = None, {}, None  # this process's open shards and readers (see fd)
+        self.fetched = {}  # index -> its bytes, read ahead by prefetch
         index = load_index(root)
         self.root, self.transform, self.loader = root, transform, loader
         shards = index["shardlist"]
@@ -147,9 +152,9 @@ class ShardImageFolder(Dataset):
         return len(self.rows)
 
     def fd(self, shard):
-        if self.pid != os.getpid():  # a new (forked) worker: its own descriptors
+        if self.pid != os.getpid():  # a new (forked) worker: its own descriptors and threads
             self.close()
-            self.pid = os.getpid()
+            self.pid, self.pool, self.fetched = os.getpid(), None, {}
         if shard not in self.fds:
             try:
                 self.fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
@@ -158,14 +163,32 @@ class ShardImageFolder(Dataset):
                                 + (" (raise `ulimit -n` or use bigger shards)" if e.errno == 24 else "")) from None
         return self.fds[shard]
 
-    def read(self, i):
-        """Sample i's Member, in one read (os.pread): the image, then the label member's
-        header and data, which must name this sample and hold its label."""
+    def span(self, i):
+        """Where sample i's bytes are: (shard's descriptor, offset, length): the image, then
+        the label member's header and data."""
         r = self.rows[i]
-        s, size, label = self.shard_of[r], int(self.sizes[r]), int(self.labels[r])
+        want = padded(int(self.sizes[r])) + BLOCK + len(str(int(self.labels[r])))
+        return self.fd(self.shard_of[r]), int(self.offsets[r]), want
+
+    def prefetch(self, indices):
+        """Read these samples' bytes now, concurrently (os.pread releases the GIL), for the
+        next read() of each; replaces what an earlier prefetch left unread."""
+        spans = [self.span(i) for i in indices]  # first: fd() drops a forked parent's threads
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="shard_read")
+        self.fetched = dict(zip(indices, self.pool.map(lambda s: os.pread(s[0], s[2], s[1]), spans)))
+
+    def read(self, i):
+        """Sample i's Member, from one read (os.pread, or prefetch's): the image, then the
+        label member's header and data, which must name this sample and hold its label."""
+        buf = self.fetched.pop(i, None)
+        if buf is None:
+            fd, offset, want = self.span(i)
+            buf = os.pread(fd, want, offset)
+        r = self.rows[i]
+        size, label = int(self.sizes[r]), int(self.labels[r])
         text = str(label).encode()
         want = padded(size) + BLOCK + len(text)
-        buf = os.pread(self.fd(s), want, int(self.offsets[r]))
         if len(buf) < want:
             raise UserError(f"{self.where(r)}: truncated ({len(buf)} of {want} bytes)")
         header = buf[padded(size):padded(size) + BLOCK]  # the label member's: its name and size fields
@@ -185,13 +208,19 @@ class ShardImageFolder(Dataset):
             sample = self.transform(sample)
         return sample, self.targets[i]
 
+    def __getitems__(self, indices):  # a batch of an evaluation loader: its reads together
+        self.prefetch(indices)
+        return [self[i] for i in indices]
+
     def close(self):
+        if self.pool is not None and self.pid == os.getpid():
+            self.pool.shutdown()
         for fd in self.fds.values():
             os.close(fd)
-        self.fds = {}
+        self.fds, self.pool = {}, None
 
-    def __getstate__(self):  # a spawned worker opens its own shards
-        return {**self.__dict__, "pid": None, "fds": {}}
+    def __getstate__(self):  # a spawned worker opens its own shards and threads
+        return {**self.__dict__, "pid": None, "fds": {}, "pool": None, "fetched": {}}
 
     def __del__(self):
         if self.pid == os.getpid():
