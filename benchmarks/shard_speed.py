@@ -23,7 +23,12 @@ train/<wnid>/) and converted with make_shards.py (default shard size), once. The
    emulation qdiscs are not available here). The kernel keeps libfuse's default caches
    (entries and attributes for 1 s) and reads with direct_io, so every read reaches the
    "server", as for an epoch larger than the client's page cache. It prints the requests
-   per image of each path; the server runs on the same 2 cores as the loaders.
+   per image of each path; the server runs on the same 2 cores as the loaders. It serves
+   requests concurrently, as a network file system does (libfuse's default multithreaded
+   loop; Python's time.sleep releases the GIL): 32 reads of 10 ms each take ~340 ms from
+   one thread and ~35 ms from 16. The shard loader uses that: each batch's reads are issued
+   together (util.shards.ShardImageFolder.prefetch, 16 threads per worker), then decoded
+   one by one; the ImageFolder (torchvision's) reads each image when it decodes it.
 
 Each round runs every loader once (one epoch over the --images images, the order of the
 paths reversed every other round); rates are medians over rounds, ratios medians of the
@@ -119,24 +124,30 @@ def make_loader(path, input_size, workers, indices, batch, gpu_decode=False):
 
 
 def read_cost(paths, args, indices, label):
-    """Microseconds per image to fetch its bytes alone (dataset[i] with util.shards.read_bytes
-    as the loader, in this process: no decode, no workers)."""
+    """Microseconds per image to fetch its bytes alone (util.shards.read_bytes as the loader,
+    in this process: no decode, no workers): one image at a time (dataset[i]), and a batch
+    at a time as the training loader's fetcher asks (__getitems__ where the dataset has it:
+    shards prefetch the batch's reads concurrently; an ImageFolder reads one by one)."""
     from util.datasets import build_dataset
     from util.shards import read_bytes
     sets = {name: build_dataset(parse(path, args.input_size, 0, 1), "train", None, loader=read_bytes)
             for name, path in paths.items()}
+    batches = [indices[k:k + args.batch_size] for k in range(0, len(indices), args.batch_size)]
+    ways = {"one by one": lambda ds: [ds[i] for i in indices],
+            "by batch": lambda ds: [getattr(ds, "__getitems__", lambda b: [ds[i] for i in b])(b) for b in batches]}
     got = collections.defaultdict(list)
     for r in range(args.rounds + 1):
         for name in (list(sets) if r % 2 == 0 else list(sets)[::-1]):
-            t0 = time.perf_counter()
-            for i in indices:
-                sets[name][i]
-            if r:  # round 0 warms the caches and opens the shards
-                got[name].append((time.perf_counter() - t0) / len(indices) * 1e6)
-    med = {k: statistics.median(v) for k, v in got.items()}
-    ratio = statistics.median(f / s for f, s in zip(got["files"], got["shards"]))
-    print(f"{label:<19} read only      files {med['files']:7.0f} us / shards {med['shards']:7.0f} us per image: "
-          f"shards {ratio:.2f}x faster (1 process, no decode; load {load()})", flush=True)
+            for way, fetch in ways.items():
+                t0 = time.perf_counter()
+                fetch(sets[name])
+                if r:  # round 0 warms the caches and opens the shards
+                    got[name, way].append((time.perf_counter() - t0) / len(indices) * 1e6)
+    for way in ways:
+        med = {name: statistics.median(got[name, way]) for name in sets}
+        ratio = statistics.median(f / s for f, s in zip(got["files", way], got["shards", way]))
+        print(f"{label:<19} read only      files {med['files']:7.0f} us / shards {med['shards']:7.0f} us per image: "
+              f"shards {ratio:.2f}x faster ({way}; 1 process, no decode; load {load()})", flush=True)
 
 
 def schedstat(pids):

@@ -105,7 +105,7 @@ class ShardImageFolder(Dataset):
 
     def __init__(self, root, transform=None, classes=None, loader=None):
         self.pid, self.fds, self.pool = None, {}, None  # this process's open shards and readers (see fd)
-        self.fetched = {}  # index -> its bytes, read ahead by prefetch
+        self.fetched = {}  # index -> its read under way (a Future), from prefetch
         index = load_index(root)
         self.root, self.transform, self.loader = root, transform, loader
         shards = index["shardlist"]
@@ -171,18 +171,21 @@ class ShardImageFolder(Dataset):
         return self.fd(self.shard_of[r]), int(self.offsets[r]), want
 
     def prefetch(self, indices):
-        """Read these samples' bytes now, concurrently (os.pread releases the GIL), for the
-        next read() of each; replaces what an earlier prefetch left unread."""
+        """Start reading these samples' bytes, concurrently (os.pread releases the GIL), for
+        the next read() of each, which waits for its own: the first sample decodes while the
+        others still arrive. Replaces what an earlier prefetch left unread."""
         spans = [self.span(i) for i in indices]  # first: fd() drops a forked parent's threads
         if self.pool is None:
             self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="shard_read")
-        self.fetched = dict(zip(indices, self.pool.map(lambda s: os.pread(s[0], s[2], s[1]), spans)))
+        self.fetched = {i: self.pool.submit(os.pread, fd, n, offset) for i, (fd, offset, n) in zip(indices, spans)}
 
     def read(self, i):
         """Sample i's Member, from one read (os.pread, or prefetch's): the image, then the
         label member's header and data, which must name this sample and hold its label."""
-        buf = self.fetched.pop(i, None)
-        if buf is None:
+        pending = self.fetched.pop(i, None)
+        if pending is not None:
+            buf = pending.result()
+        else:
             fd, offset, want = self.span(i)
             buf = os.pread(fd, want, offset)
         r = self.rows[i]
