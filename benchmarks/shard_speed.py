@@ -133,8 +133,14 @@ def read_cost(paths, args, indices, label):
     sets = {name: build_dataset(parse(path, args.input_size, 0, 1), "train", None, loader=read_bytes)
             for name, path in paths.items()}
     batches = [indices[k:k + args.batch_size] for k in range(0, len(indices), args.batch_size)]
-    ways = {"one by one": lambda ds: [ds[i] for i in indices],
-            "by batch": lambda ds: [getattr(ds, "__getitems__", lambda b: [ds[i] for i in b])(b) for b in batches]}
+    def one_by_one(ds):
+        for i in indices:
+            ds[i]
+
+    def by_batch(ds):
+        for b in batches:
+            ds.__getitems__(b) if hasattr(ds, "__getitems__") else [ds[i] for i in b]
+    ways = {"one by one": one_by_one, "by batch": by_batch}
     got = collections.defaultdict(list)
     for r in range(args.rounds + 1):
         for name in (list(sets) if r % 2 == 0 else list(sets)[::-1]):
