@@ -35,7 +35,7 @@ paths reversed every other round); rates are medians over rounds, ratios medians
 per-round ratios. Three rates per core: `wall` (images/s / workers), `own` (images per
 worker-second less the time the workers waited for a CPU held by other processes, from
 /proc/PID/schedstat: the rate if each worker had its core; this machine is shared) and
-`cpu` (images per CPU-second of the workers: no file-system latency in it). The FUSE
+`cpu` (images per CPU-second of the workers, all their threads: no file-system latency in it). The FUSE
 server runs at nice -15, as if on another machine. The load average is printed.
 """
 import argparse
@@ -157,11 +157,15 @@ def read_cost(paths, args, indices, label):
 
 
 def schedstat(pids):
-    """Summed (CPU ns, ns spent waiting for a CPU) of processes, from /proc/PID/schedstat."""
+    """Summed (CPU ns, ns spent waiting for a CPU) of processes, from /proc/PID/schedstat:
+    the CPU of all their threads (the shard readers' too), the wait of their main threads
+    (the ones that decode: the workers' pace)."""
     total = np.zeros(2)
     for pid in pids:
-        with open(f"/proc/{pid}/schedstat") as f:
-            total += [int(v) for v in f.read().split()[:2]]
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                cpu, wait = (int(v) for v in f.read().split()[:2])
+            total += [cpu, wait if int(task) == pid else 0]
     return total
 
 
