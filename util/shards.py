@@ -151,10 +151,14 @@ class ShardImageFolder(Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def fd(self, shard):
-        if self.pid != os.getpid():  # a new (forked) worker: its own descriptors and threads
+    def mine(self):
+        """A new (forked) worker drops its parent's descriptors, threads and reads under way."""
+        if self.pid != os.getpid():
             self.close()
             self.pid, self.pool, self.fetched = os.getpid(), None, {}
+
+    def fd(self, shard):
+        self.mine()
         if shard not in self.fds:
             try:
                 self.fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
@@ -172,11 +176,12 @@ class ShardImageFolder(Dataset):
 
     def prefetch(self, indices):
         """Start reading these samples' bytes, concurrently (os.pread releases the GIL): the
-        batch in READERS runs of consecutive samples, one thread each (a thread per image
+        batch in up to READERS runs of consecutive samples, a thread each (a thread per image
         costs ~60 us of handing over). The next read() of each sample waits for its run
         only, so the first sample decodes while the others still arrive. Replaces what an
         earlier prefetch left unread."""
-        spans = [self.span(i) for i in indices]  # first: fd() drops a forked parent's threads
+        self.mine()
+        spans = [self.span(i) for i in indices]
         if self.pool is None:
             self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="shard_read")
         run = -(-len(indices) // READERS)
@@ -189,6 +194,7 @@ class ShardImageFolder(Dataset):
     def read(self, i):
         """Sample i's Member, from one read (os.pread, or prefetch's): the image, then the
         label member's header and data, which must name this sample and hold its label."""
+        self.mine()
         pending, k = self.fetched.pop(i, (None, 0))
         if pending is not None:
             buf = pending.result()[k]
