@@ -45,7 +45,8 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
 
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", default=None, type=str,
-                   help="ImageFolder root with train/ and val/ (or CIFAR files); none = synthetic data")
+                   help="ImageFolder root with train/ and val/, or its make_shards.py shard root (or CIFAR "
+                   "files); none = synthetic data")
     g.add_argument("--dataset", default=None, choices=["imagefolder", "cifar10", "cifar100", "synthetic"],
                    help="default: imagefolder when --data_path is given, else synthetic")
     g.add_argument("--class_subset", default=None, help="file of class folder names (wnids) to keep")

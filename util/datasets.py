@@ -1,10 +1,12 @@
 """Datasets, transforms and loaders shared by pretraining and evaluation.
 
 Sources: an ImageFolder root `data_path/{train,val}` (optionally restricted to
-the classes listed in a file, one wnid per line, ImageNet-100 style),
+the classes listed in a file, one wnid per line, ImageNet-100 style), or the same
+converted to tar shards by make_shards.py (util.shards, recognised by its index),
 CIFAR-10/100 from torchvision's local files (never downloaded), and a built-in
 synthetic labelled set used when no data path is given.
 """
+import io
 import math
 import os
 import random
@@ -12,13 +14,14 @@ import random
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
 from util.dist import get_rank, get_world_size
 from util.errors import UserError
 from util.jpeg import DecodeCrop
+from util.shards import ShardImageFolder, is_shard_split, read_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,10 +74,9 @@ class MAERandomResizedCrop(transforms.RandomResizedCrop):
 
 # ---- sources -----------------------------------------------------------------
 def checked_loader(path):
-    """PIL loader whose failure names the file (one line for the user)."""
+    """PIL loader (of a file or a util.shards.Member) whose failure names it (one line)."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        return Image.open(io.BytesIO(read_bytes(path))).convert("RGB")
     except Exception as e:  # truncated, not an image, unreadable
         raise UserError(f"cannot read image {path}: {e}") from None
 
@@ -175,6 +177,8 @@ def build_dataset(args, split, transform, loader=None):
     root = os.path.join(args.data_path, split)
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist: data_path must hold train/ and val/ folders")
+    if is_shard_split(root):
+        return ShardImageFolder(root, transform, read_class_subset(args.class_subset), loader or checked_loader)
     try:
         return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
@@ -318,6 +322,21 @@ class EpochSeeded(Dataset):
                 random.setstate(py_state)
                 np.random.set_state(np_state)
         return (*sample, mask_noise(mask_seed, self.mask_patches)) if self.mask_patches else sample
+
+    def __getitems__(self, keys):
+        """A batch (the DataLoader's fetcher calls this): the samples' bytes are read together
+        where the dataset can (prefetch), then each sample is made exactly as by __getitem__."""
+        prefetch(self.dataset, [index for _, index in keys])
+        return [self[key] for key in keys]
+
+
+def prefetch(dataset, indices):
+    """Let `dataset` (also under torch Subsets) read these samples' bytes at once, if it can
+    (util.shards.ShardImageFolder.prefetch); the samples are unchanged."""
+    while isinstance(dataset, Subset):
+        indices, dataset = [dataset.indices[i] for i in indices], dataset.dataset
+    if hasattr(dataset, "prefetch"):
+        dataset.prefetch(indices)
 
 
 def mask_noise(seed, num_patches):

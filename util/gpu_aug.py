@@ -31,14 +31,14 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
+from util.shards import read_bytes
 
 
 def read_encoded(path):
     """ImageFolder loader: (bytes as a 1-d uint8 tensor, or a decoded (3, H, W) uint8
     tensor for files decode_jpeg may not handle, height, width)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_bytes(path)  # a file, or a shard's util.shards.Member
         img = Image.open(io.BytesIO(raw))  # reads the header only
         if img.format == "JPEG" and img.mode in ("RGB", "L"):
             return torch.frombuffer(bytearray(raw), dtype=torch.uint8), img.height, img.width

@@ -33,6 +33,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from util.errors import UserError
+from util.shards import read_bytes
 
 try:
     import simplejpeg
@@ -68,8 +69,7 @@ class EncodedImage:
     """One file's bytes and header: size, and how it will be decoded."""
 
     def __init__(self, path):
-        with open(path, "rb") as f:
-            self.raw = raw = f.read()
+        self.raw = raw = read_bytes(path)  # a file, or a shard's util.shards.Member
         self.turbo = None
         try:
             if simplejpeg is not None:

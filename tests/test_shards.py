@@ -1,0 +1,295 @@
+"""ImageFolders as tar shards (make_shards.py, util/shards.py): conversion, an interrupted and
+resumed conversion, reading (the same samples, labels and batches as the ImageFolder path),
+bad shards as one line, and an exact mid-epoch resume from shards."""
+import copy
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import tarfile
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import make_shards
+from conftest import assert_one_line_error, run_script
+from test_data_pipeline import jpeg_folder, photo, save
+from test_survival import RUN, assert_same_weights, final_model, kill_group, launch, wait_for_position
+from util.datasets import EpochSeeded, SubsetImageFolder, checked_loader
+from util.errors import UserError
+from util.shards import ShardImageFolder, read_bytes
+
+
+def folder(root, per_class=5):
+    """jpeg_folder (grey, CMYK and PNG-named-JPEG files in train/) plus a third class with a
+    nested folder and a file name with dots, for ImageFolder's order of walk."""
+    jpeg_folder(root, per_class=per_class)
+    for split in ("train", "val"):
+        os.makedirs(root / split / "c" / "sub", exist_ok=True)
+        save(photo(50, 70, seed=7), root / split / "c" / "x.v2.JPEG")
+        save(photo(70, 50, seed=8), root / split / "c" / "sub" / "y.jpg")
+    return str(root)
+
+
+LIMIT = int(0.012 * 2**20)  # --shard_mb 0.012: a few images per shard
+
+
+def convert(src, dst, *extra):
+    proc = run_script("make_shards.py", "--src", src, "--dst", dst, "--shard_mb", "0.012", *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    src = folder(root / "src")
+    convert(src, str(root / "shards"), "--verify")
+    return src, str(root / "shards")
+
+
+# ---- conversion -----------------------------------------------------------------------
+def test_conversion_keeps_the_imagefolder_order_labels_and_bytes(data):
+    src, dst = data
+    for split in ("train", "val"):
+        files = SubsetImageFolder(os.path.join(src, split))
+        shards = ShardImageFolder(os.path.join(dst, split), loader=read_bytes)
+        assert len(json.load(open(os.path.join(dst, split, "index.json")))["shardlist"]) > 2
+        assert shards.classes == files.classes == ["a", "b", "c"]
+        assert shards.targets == files.targets and len(shards) == len(files)
+        assert [n for n, _ in shards.samples] == [os.path.relpath(p, files.root) for p, _ in files.samples]
+        for i, (path, target) in enumerate(files.samples):
+            assert shards[i] == (open(path, "rb").read(), target)
+
+
+def test_shards_are_webdataset_tars_that_wids_reads(data):
+    import wids
+    src, dst = data
+    files = SubsetImageFolder(os.path.join(src, "train"))
+    with tarfile.open(os.path.join(dst, "train", "000000.tar")) as tar:
+        names = tar.getnames()
+    assert names[:4] == ["00000000.jpeg", "00000000.cls", "00000001.jpeg", "00000001.cls"]
+    ds = wids.ShardListDataset(os.path.join(dst, "train", "index.json"), transformations=[],
+                               localname=lambda url: url)  # read in place, no cache copy
+    assert len(ds) == len(files)
+    for i, (path, target) in enumerate(files.samples):
+        ext = "." + os.path.splitext(path)[1][1:].lower()
+        assert ds[i][ext].read() == open(path, "rb").read() and int(ds[i][".cls"].read()) == target
+
+
+def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
+    src = folder(tmp_path / "src")
+    fresh, cut = tmp_path / "fresh", tmp_path / "cut"
+    make_shards.convert_split(src, str(fresh), "train", LIMIT)
+    calls, real = [0], make_shards.add_member
+
+    def dies_at_the_twelfth_image(tar, name, raw):
+        calls[0] += 1
+        if calls[0] == 23:
+            raise KeyboardInterrupt
+        real(tar, name, raw)
+    monkeypatch.setattr(make_shards, "add_member", dies_at_the_twelfth_image)
+    with pytest.raises(KeyboardInterrupt):
+        make_shards.convert_split(src, str(cut), "train", LIMIT)
+    monkeypatch.setattr(make_shards, "add_member", real)
+    left = sorted(os.listdir(cut / "train"))
+    assert "index.json" not in left and any(n.endswith(".tmp") for n in left)  # not readable yet
+    finished = [n for n in left if n.endswith(".tar")]
+    assert len(finished) >= 3
+    stamps = {n: os.stat(cut / "train" / n).st_mtime_ns for n in finished}
+    (cut / "train" / finished[-1]).write_bytes((cut / "train" / finished[-1]).read_bytes()[:3000])
+    proc = convert(src, str(cut), "--splits", "train", "--verify")
+    assert f"keeping {len(finished) - 1} finished shards" in proc.stdout
+    assert {n: os.stat(cut / "train" / n).st_mtime_ns for n in finished[:-1]} == \
+        {n: stamps[n] for n in finished[:-1]}  # kept, not rewritten
+    assert sorted(os.listdir(cut / "train")) == sorted(os.listdir(fresh / "train"))
+    for n in os.listdir(fresh / "train"):  # the same shards as an uninterrupted conversion
+        assert (cut / "train" / n).read_bytes() == (fresh / "train" / n).read_bytes(), n
+
+
+def test_class_subset_and_a_spawned_worker(data):
+    src, dst = data
+    files = SubsetImageFolder(os.path.join(src, "train"), classes=["c", "a"])
+    shards = ShardImageFolder(os.path.join(dst, "train"), classes=["c", "a"], loader=read_bytes)
+    assert shards.classes == ["c", "a"] and shards.targets == files.targets
+    assert [shards[i][0] for i in range(len(shards))] == [open(p, "rb").read() for p, _ in files.samples]
+    again = pickle.loads(pickle.dumps(shards))  # as a spawned worker gets it: no descriptors
+    assert again.fds == {} and again[3] == shards[3]
+    with pytest.raises(UserError, match="not in"):
+        ShardImageFolder(os.path.join(dst, "train"), classes=["zz"], loader=read_bytes)
+
+
+# ---- reading: what the ImageFolder path gives -------------------------------------------
+def batches(loader, epochs=(0, 1)):
+    out = []
+    for epoch in epochs:
+        loader.sampler.set_epoch(epoch)
+        out += [b for b in loader]
+    return out
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert len(x) == len(y)
+        for u, v in zip(x, y):
+            assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("flags", [[], ["--fast_decode", "false"], ["--gpu_decode"]])
+def test_pretrain_batches_equal_the_imagefolder_ones(data, tiny_args, flags):
+    from main_pretrain import build_train_loader, get_args_parser
+    src, dst = data
+    got = {}
+    for name, path, workers in (("files", src, "0"), ("shards", dst, "2")):
+        args = get_args_parser().parse_args(tiny_args + ["--data_path", path, "--batch_size", "4",
+                                                         "--num_workers", workers, *flags])
+        got[name] = batches(build_train_loader(args, torch.device("cpu")))
+    assert_same_batches(got["files"], got["shards"])
+
+
+def test_linprobe_finetune_and_eval_batches_equal_the_imagefolder_ones(data, tmp_path):
+    from eval_setup import build_data, linprobe_transform
+    from main_finetune import get_args_parser, train_transform
+    src, dst = data
+    for make in (lambda a: linprobe_transform(a.input_size), train_transform):
+        got = []
+        for path in (src, dst):
+            args = get_args_parser().parse_args(["--data_path", path, "--input_size", "32", "--batch_size", "4",
+                                                 "--num_workers", "0", "--output_dir", str(tmp_path)])
+            d = build_data(args, make(args))
+            got.append((batches(d.train_loader), list(d.val_loader)))
+        assert_same_batches(got[0][0], got[1][0])
+        assert_same_batches(got[0][1], got[1][1])
+
+
+def test_a_batch_read_together_gives_the_samples_of_reads_one_by_one(data):
+    """EpochSeeded.__getitems__ (the DataLoader's batch fetch) prefetches a batch's bytes, also
+    through a torch Subset: the same crops, flips and mask noise as per-item reads and as the
+    ImageFolder, and nothing left over."""
+    from torchvision import transforms
+    src, dst = data
+    aug = transforms.Compose([transforms.RandomResizedCrop(16), transforms.RandomHorizontalFlip(),
+                              transforms.PILToTensor()])
+    shards = ShardImageFolder(os.path.join(dst, "train"), aug, loader=checked_loader)
+    files = EpochSeeded(Subset(SubsetImageFolder(os.path.join(src, "train"), aug), range(1, 14)), 3, 4)
+    batched = EpochSeeded(Subset(shards, range(1, 14)), 3, 4)
+    keys = [(2, i) for i in (7, 0, 12, 3, 5)]
+    got, one_by_one, want = batched.__getitems__(keys), [batched[k] for k in keys], files.__getitems__(keys)
+    assert shards.fetched == {}
+    for g, o, w in zip(got, one_by_one, want):
+        assert torch.equal(g[0], o[0]) and torch.equal(g[0], w[0]) and g[1] == o[1] == w[1]
+        assert torch.equal(g[2], o[2]) and torch.equal(g[2], w[2])
+    assert [s[1] for s in shards.__getitems__([4, 2])] == [shards.targets[4], shards.targets[2]]
+
+
+def test_the_loader_reads_a_batch_concurrently_before_its_first_decode(data, monkeypatch):
+    """Through train_loader's DataLoader (its fetcher calls __getitems__): a batch's reads are
+    all in flight at once (a barrier of batch-size parties would time out on serial reads),
+    and all precede the batch's first decode."""
+    import threading
+    from argparse import Namespace
+    from util.datasets import train_loader
+    src, dst = data
+    events, real, barrier = [], os.pread, threading.Barrier(4, timeout=30)
+
+    def pread(fd, n, offset):
+        events.append("read")
+        barrier.wait()
+        return real(fd, n, offset)
+
+    def loader(member):
+        events.append("decode")
+        return read_bytes(member)
+    monkeypatch.setattr(os, "pread", pread)
+    args = Namespace(batch_size=4, num_workers=0, pin_mem=False)
+    shards = ShardImageFolder(os.path.join(dst, "train"), loader=loader)
+    loader = train_loader(shards, args, seed=0, collate_fn=lambda b: list(zip(*b)))
+    images, targets = next(iter(loader))
+    assert events == ["read"] * 4 + ["decode"] * 4
+    first = [i for _, i in list(loader.sampler)[:4]]
+    files = SubsetImageFolder(os.path.join(src, "train"))
+    assert list(images) == [open(files.samples[i][0], "rb").read() for i in first]
+    assert list(targets) == [files.targets[i] for i in first]
+
+
+# ---- bad shards --------------------------------------------------------------------------
+def rewrite(shard, change):
+    """Rewrite a shard's tar with change(member, data) -> (member, data), same layout."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, raw in members:
+            m, raw = change(m, raw)
+            tar.addfile(m, fileobj=io.BytesIO(raw))
+
+
+def spoil(dst, kind):
+    """(spoilt shard, member named in the error)."""
+    shard = os.path.join(dst, "train", "000001.tar")
+    with tarfile.open(shard) as tar:
+        image, cls = tar.getnames()[:2]
+    if kind == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(1500)
+        return shard, image
+    if kind == "missing label":
+        def rename(m, raw):
+            if m.name == cls:
+                m = copy.copy(m)
+                m.name = m.name[:-4] + ".txt"
+            return m, raw
+        rewrite(shard, rename)
+        return shard, image
+    rewrite(shard, lambda m, raw: (m, bytes(len(raw)) if m.name == image else raw))  # corrupt JPEG
+    return shard, image
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing label", "corrupt JPEG"])
+def test_a_bad_shard_is_one_line_naming_shard_and_member(data, tmp_path, tiny_args, kind):
+    src, good = data
+    dst = tmp_path / "shards"
+    shutil.copytree(good, dst)
+    shard, member = spoil(str(dst), kind)
+    if kind == "missing label":  # same size, same offsets: only the member name changed
+        assert os.path.getsize(shard) == os.path.getsize(os.path.join(good, "train", "000001.tar"))
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", dst, "--batch_size", "4",
+                      "--num_workers", "1", "--output_dir", tmp_path / "out")
+    assert_one_line_error(proc, shard, member)
+    proc = run_script("make_shards.py", "--src", src, "--dst", dst, "--verify_only", "--splits", "train")
+    assert_one_line_error(proc, shard)
+
+
+# ---- exact resume ---------------------------------------------------------------------------
+def test_killed_mid_epoch_on_shards_ends_with_the_weights_of_an_imagefolder_run(data, tmp_path):
+    src, dst = data
+    # RUN minus its synthetic data: 15 train images, batch 4 -> 3 steps per epoch
+    base = [a for a in RUN if a not in ("--synthetic_size", "64")] + ["--batch_size", "4"]
+    ref = launch(tmp_path / "ref", "--data_path", src, base=base)
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-2000:]
+    out = tmp_path / "shards"
+    proc = launch(out, "--data_path", dst, base=base)
+    wait_for_position(proc, out, (0, 2))
+    kill_group(proc, signal.SIGKILL)
+    proc = launch(out, "--data_path", dst, base=base)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "resumed from" in stdout, err[-2000:]
+    assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
+    logs = [[json.loads(line)["train_loss"] for line in open(d / "log.txt")] for d in (tmp_path / "ref", out)]
+    assert logs[0] == logs[1]
+
+
+def test_two_ranks_on_shards_end_with_the_weights_of_two_ranks_on_files(data, tmp_path):
+    """The rank partition carries over: torchrun with 2 processes, shards vs ImageFolder."""
+    src, dst = data
+    base = [a for a in RUN if a not in ("--synthetic_size", "64")] + ["--batch_size", "2", "--epochs", "1"]
+    for name, path in (("files", src), ("shards", dst)):
+        proc = launch(tmp_path / name, "--data_path", path, base=base, torchrun=2)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    final = [torch.load(tmp_path / n / "checkpoint-0.pth", weights_only=True)["model"] for n in ("files", "shards")]
+    assert_same_weights(*final)

@@ -1,0 +1,243 @@
+"""ImageFolder splits stored as tar shards (make_shards.py writes them), read by index.
+
+On shared file systems (Lustre, GPFS, NFS) an ImageFolder costs every image an open, a
+stat, reads and a close, each a round trip to the servers. A split converted to shards is
+a few hundred files of a few hundred MB, opened once per worker process; each image is
+then one positioned read (os.pread) of its bytes and its label (benchmarks/shard_speed.py).
+A training batch's reads are issued together (prefetch, from util.datasets.EpochSeeded's
+__getitems__): on a network file system their round trips then overlap instead of adding up.
+
+Layout of a shard root (the webdataset layout, so webdataset and wids read it too):
+
+    SHARD_ROOT/{train,val}/index.json      a wids descriptor, plus what this reader needs
+    SHARD_ROOT/{train,val}/000000.tar ...  per image: 00000000.jpeg (the source file's own
+                                           bytes and extension) then 00000000.cls (the label)
+
+ShardImageFolder is map-style: index i is the i-th sample of the ImageFolder the split came
+from (sorted classes, then sorted files), with the same `classes` and `targets`, and it
+hands the same loaders the same bytes. TrainSampler, EpochSeeded (augmentation seeded per
+(epoch, index)), the rank partition and mid-epoch resume (util.datasets) therefore work
+on it unchanged and give the samples, crops and losses of the ImageFolder path.
+
+Why not wids.ShardListDataset itself (PRETRAIN.md compares the libraries): it copies or
+locks every shard it opens (a `.lock` file written beside the shard, which fails on
+read-only storage), and it indexes a shard on open by walking all its tar headers through
+mmap, which reads most of the shard; with the global shuffle that keeps the ImageFolder
+order, every worker touches every shard. Our index holds each member's offset instead.
+"""
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from util.errors import UserError
+
+INDEX = "index.json"
+FORMAT = "mae-shards/1"
+BLOCK = 512  # tar block
+READERS = 16  # concurrent reads per process in prefetch: a 1 ms round trip each, overlapped
+
+
+def is_shard_split(root):
+    """A split folder written by make_shards.py (recognised by its index)."""
+    return os.path.isfile(os.path.join(root, INDEX))
+
+
+def padded(n):
+    return (n + BLOCK - 1) // BLOCK * BLOCK
+
+
+def octal(field):
+    """A tar header's number field (None if it is not one)."""
+    try:
+        return int(field.strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return None
+
+
+def member_names(index, name):
+    """Tar member names of sample `index` whose source file is `name`: (image, label)."""
+    key = f"{index:08d}"
+    return f"{key}.{os.path.splitext(name)[1][1:].lower() or 'img'}", f"{key}.cls"
+
+
+class Member:
+    """One image in a shard: its bytes, and a name for error messages. The image loaders
+    (util.datasets.checked_loader, util.jpeg.DecodeCrop, util.gpu_aug.read_encoded) take
+    it where an ImageFolder gives them a path. `name` may be a function (called for
+    messages only)."""
+
+    def __init__(self, raw, name):
+        self.raw, self.name = raw, name
+
+    def __str__(self):
+        return self.name() if callable(self.name) else self.name
+
+
+def read_bytes(source):
+    """The encoded image: a shard Member's bytes, or a file's."""
+    if isinstance(source, Member):
+        return source.raw
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def load_index(root):
+    path = os.path.join(root, INDEX)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read shard index {path}: {e}") from None
+    if index.get("format") != FORMAT:
+        raise UserError(f"{path} is not a shard index of make_shards.py (format {index.get('format')!r})")
+    return index
+
+
+class ShardImageFolder(Dataset):
+    """ImageFolder-like dataset of one shard split: (transform(loader(Member)), target).
+
+    `classes` restricts it to those class names (relabelled in that order), as
+    util.datasets.SubsetImageFolder does. Each process opens each shard once, on first
+    use, and keeps it open; a forked DataLoader worker opens its own."""
+
+    def __init__(self, root, transform=None, classes=None, loader=None):
+        self.pid, self.fds, self.pool = None, {}, None  # this process's open shards and readers (see fd)
+        self.fetched = {}  # index -> (its run's read under way, its place in the run), see prefetch
+        index = load_index(root)
+        self.root, self.transform, self.loader = root, transform, loader
+        shards = index["shardlist"]
+        self.paths = [os.path.join(root, s["url"]) for s in shards]
+        self.check_sizes(shards)
+        col = lambda key, dtype: np.concatenate([np.asarray(s[key], dtype) for s in shards])
+        shard_of = np.repeat(np.arange(len(shards)), [s["nsamples"] for s in shards])
+        names = [n for s in shards for n in s["names"]]
+        labels = col("labels", np.int64)
+        self.classes = all_classes = index["classes"]
+        rows = np.arange(len(names))
+        if classes is not None:  # the ImageFolder order: sorted class names, relabelled
+            missing = [c for c in classes if c not in all_classes]
+            if missing:
+                raise UserError(f"class subset names {len(missing)} classes not in {root}, e.g. {missing[0]}")
+            new = np.full(len(all_classes), -1)
+            new[[all_classes.index(c) for c in classes]] = np.arange(len(classes))
+            rows = np.nonzero(new[labels] >= 0)[0]
+            self.classes = list(classes)
+        self.rows, self.shard_of, self.offsets, self.sizes = rows, shard_of, col("offsets", np.int64), col("sizes", np.int64)
+        self.labels, self.names = labels, names
+        self.targets = labels[rows].tolist() if classes is None else new[labels[rows]].tolist()
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [(names[r], t) for r, t in zip(rows, self.targets)]
+
+    def check_sizes(self, shards):
+        """Fail now, with the first missing member named, if a shard is cut short."""
+        for path, s in zip(self.paths, shards):
+            try:
+                size = os.stat(path).st_size
+            except OSError as e:
+                raise UserError(f"cannot open shard {path}: {e.strerror}") from None
+            if size < s["filesize"]:
+                ends = np.asarray(s["offsets"]) + np.asarray(s["sizes"])
+                k = int(np.searchsorted(ends, size, side="right"))
+                name = member_names(s["first"] + k, s["names"][k])[0] if k < s["nsamples"] else "end of archive"
+                raise UserError(f"shard {path} is truncated ({size} of {s['filesize']} bytes): member {name} "
+                                "onwards is missing; re-run make_shards.py")
+            if size != s["filesize"]:
+                raise UserError(f"shard {path} has {size} bytes, its index says {s['filesize']}; "
+                                "re-run make_shards.py")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def mine(self):
+        """A new (forked) worker drops its parent's descriptors, threads and reads under way."""
+        if self.pid != os.getpid():
+            self.close()
+            self.pid, self.pool, self.fetched = os.getpid(), None, {}
+
+    def fd(self, shard):
+        self.mine()
+        if shard not in self.fds:
+            try:
+                self.fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            except OSError as e:
+                raise UserError(f"cannot open shard {self.paths[shard]}: {e.strerror}"
+                                + (" (raise `ulimit -n` or use bigger shards)" if e.errno == 24 else "")) from None
+        return self.fds[shard]
+
+    def span(self, i):
+        """Where sample i's bytes are: (shard's descriptor, offset, length): the image, then
+        the label member's header and data."""
+        r = self.rows[i]
+        want = padded(int(self.sizes[r])) + BLOCK + len(str(int(self.labels[r])))
+        return self.fd(self.shard_of[r]), int(self.offsets[r]), want
+
+    def prefetch(self, indices):
+        """Start reading these samples' bytes, concurrently (os.pread releases the GIL): the
+        batch in up to READERS runs of consecutive samples, a thread each (a thread per image
+        costs ~60 us of handing over). The next read() of each sample waits for its run
+        only, so the first sample decodes while the others still arrive. Replaces what an
+        earlier prefetch left unread."""
+        self.mine()
+        spans = [self.span(i) for i in indices]
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(READERS, thread_name_prefix="shard_read")
+        run = -(-len(indices) // READERS)
+        self.fetched = {}
+        for first in range(0, len(indices), run):
+            pending = self.pool.submit(lambda part: [os.pread(fd, n, at) for fd, at, n in part],
+                                       spans[first:first + run])
+            self.fetched.update((i, (pending, k)) for k, i in enumerate(indices[first:first + run]))
+
+    def read(self, i):
+        """Sample i's Member, from one read (os.pread, or prefetch's): the image, then the
+        label member's header and data, which must name this sample and hold its label."""
+        self.mine()
+        pending, k = self.fetched.pop(i, (None, 0))
+        if pending is not None:
+            buf = pending.result()[k]
+        else:
+            fd, offset, want = self.span(i)
+            buf = os.pread(fd, want, offset)
+        r = self.rows[i]
+        size, label = int(self.sizes[r]), int(self.labels[r])
+        text = str(label).encode()
+        want = padded(size) + BLOCK + len(text)
+        if len(buf) < want:
+            raise UserError(f"{self.where(r)}: truncated ({len(buf)} of {want} bytes)")
+        header = buf[padded(size):padded(size) + BLOCK]  # the label member's: its name and size fields
+        name, cls = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace"), f"{r:08d}.cls"
+        if name != cls:
+            raise UserError(f"{self.where(r)}: its label member {cls} is missing (found {name or 'no member'})")
+        if octal(header[124:136]) != len(text) or buf[-len(text):] != text:
+            raise UserError(f"{self.where(r)}: label in the shard differs from its index ({label})")
+        return Member(buf[:size], lambda: f"{self.where(r)} ({self.names[r]})")
+
+    def where(self, r):
+        return f"shard {self.paths[self.shard_of[r]]}: member {member_names(r, self.names[r])[0]}"
+
+    def __getitem__(self, i):
+        sample = self.loader(self.read(i))
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample, self.targets[i]
+
+    def __getitems__(self, indices):  # a batch of an evaluation loader: its reads together
+        self.prefetch(indices)
+        return [self[i] for i in indices]
+
+    def close(self):
+        if self.pool is not None and self.pid == os.getpid():
+            self.pool.shutdown()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds, self.pool = {}, None
+
+    def __getstate__(self):  # a spawned worker opens its own shards and threads
+        return {**self.__dict__, "pid": None, "fds": {}, "pool": None, "fetched": {}}
+
+    def __del__(self):
+        if self.pid == os.getpid():
+            self.close()
