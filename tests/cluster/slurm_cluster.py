@@ -18,6 +18,7 @@ import subprocess
 import time
 
 from hosts import Hosts
+from submit_slurm import NODE_LOCAL
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
@@ -237,9 +238,12 @@ InactiveLimit=0
 
 
 # Runs on several hosts need an output folder every host sees: not node-local /tmp
-# (submit_slurm.py refuses that for --nodes > 1), but a folder of the shared file system.
-SHARED = os.environ.get("CLUSTER_SHARED", os.path.join(os.path.dirname(os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__)))), ".cluster"))
+# (submit_slurm.py refuses that for --nodes > 1), but a folder of the shared file system:
+# the checkout's .cluster/, or /srv/mae-test-cluster when the checkout itself is node-local
+# (a clone in /tmp, as CI may make).
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHARED = os.environ.get("CLUSTER_SHARED") or (
+    "/srv/mae-test-cluster" if CHECKOUT.startswith(NODE_LOCAL) else os.path.join(CHECKOUT, ".cluster"))
 CLEAN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
              "GPUS_PER_NODE", "BATCH", "ACCUM", "EFF_BATCH")
 

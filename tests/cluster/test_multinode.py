@@ -38,6 +38,10 @@ def hosts():
         h.stop()
         if not os.environ.get("CLUSTER_KEEP"):
             shutil.rmtree(h.shared, ignore_errors=True)
+            try:
+                os.rmdir(SHARED)  # when no other run is in it
+            except OSError:
+                pass
 
 
 def launch(hosts, host, *cmd, **env):
