@@ -379,7 +379,9 @@ def section_pipeline(out):
         model, cli, _, _, optimizer, scaler = setup(out, name, kw, batch)
         for label, gpu_decode in (("default loader (util/jpeg.py)", False), ("--gpu_decode (util/gpu_aug.py)", True)):
             argv = ["--data_path", data, "--batch_size", str(batch), "--num_workers", str(workers),
-                    "--input_size", str(size), "--device", out.device.type] + (["--gpu_decode"] if gpu_decode else [])
+                    "--input_size", str(size), "--device", out.device.type, "--model", name]
+            argv += [f"--{k}={v}" for k, v in kw.items() if k != "img_size"]  # the loader's mask noise fits the model
+            argv += ["--gpu_decode"] if gpu_decode else []
             args = main_pretrain.get_args_parser().parse_args(argv)
             from util.cli import check_common_args
             check_common_args(args)
