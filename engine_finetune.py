@@ -9,7 +9,7 @@ every print_freq steps only). Checkpoints and preemption happen at group starts.
 import torch
 import torch.nn.functional as F
 
-from util.accumulation import accumulation_groups, maybe_no_sync
+from util.accumulation import accumulation_plan, maybe_no_sync
 from util.amp import autocast
 from util.dist import all_reduce_sum, get_world_size
 from util.lr_sched import adjust_learning_rate
@@ -23,7 +23,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
     model.train()
     start = run.start_step(epoch)
     num_steps = start + len(data_loader)
-    groups = accumulation_groups(num_steps, args.accum_iter)
+    skipped = {s for e, s in run.skip_steps if e == epoch}  # stepped over after a non-finite loss (--nan_retries)
+    plan = accumulation_plan(num_steps, args.accum_iter, skipped)  # group starts/ends, DDP syncs, loss divisors
     params = [p for g in optimizer.param_groups for p in g["params"]]
     logger, guard = MetricLogger(run.totals_for(epoch)), NonFiniteGuard(epoch, device)
 
@@ -38,24 +39,24 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
     batches = logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]", total=num_steps, start=start,
                                on_flush=on_flush, batch_size=args.batch_size * get_world_size())
     for step, (samples, targets) in enumerate(batches, start=start):
-        first, last, group_size = groups[step]
-        if first:
+        at = plan[step]
+        if at.first:
             if step > start:
                 saver.at_step_boundary(epoch, step, logger, guard)
             lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
-        if (epoch, step) not in run.skip_steps:  # stepped over after a non-finite loss (--nan_retries)
+        if step not in skipped:
             samples = samples.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if mixup_fn is not None:
                 samples, targets = mixup_fn(samples, targets)
-            with maybe_no_sync(model, sync=last):
+            with maybe_no_sync(model, sync=at.sync):
                 with autocast(device, args.amp):
                     outputs = model(samples)
                 loss = criterion(outputs.float(), targets)
-                scaler.scale(loss / group_size).backward()
+                scaler.scale(loss / at.runs).backward()
             guard.record(step, loss.detach())
             logger.update(n=samples.shape[0], loss=loss.detach(), lr=lr)
-        if last and any(p.grad is not None for p in params):
+        if at.last and any(p.grad is not None for p in params):
             if clip_grad:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)

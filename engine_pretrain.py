@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from loss_func import regularizer_loss
-from util.accumulation import accumulation_groups, maybe_no_sync, sync_steps
+from util.accumulation import accumulation_plan, maybe_no_sync
 from util.amp import autocast
 from util.dist import get_world_size
 from util.lr_sched import adjust_learning_rate
@@ -56,7 +56,7 @@ def regulariser_grads(model, batches, group_size, args):
     micro-batch's features with its mask (its noise, or one drawn here; encoder only, no graph), the
     regulariser on all of them at once (and all ranks: loss_func gathers), and its
     gradient w.r.t. each micro-batch's features, times group_size (each micro-batch's
-    loss is divided by it). The second pass, compute_losses with the same noise,
+    loss is divided by it: the group's steps that run). The second pass, compute_losses with the same noise,
     back-propagates <features, grad>: the parameter gradient then equals one batch of
     the whole group's. Returns [(noise, grad, reg value)] per micro-batch. `model`
     without DDP/compile wrappers."""
@@ -84,9 +84,8 @@ def train_one_epoch(model, feature_model, data_loader, optimizer, scaler, device
     model.train()
     start = run.start_step(epoch)
     num_steps = start + len(data_loader)
-    groups = accumulation_groups(num_steps, args.accum_iter)
     skipped = {s for e, s in run.skip_steps if e == epoch}  # stepped over after a non-finite loss (--nan_retries)
-    syncs = sync_steps(num_steps, args.accum_iter, skipped)  # DDP all-reduces in these steps' backward
+    plan = accumulation_plan(num_steps, args.accum_iter, skipped)  # group starts/ends, DDP syncs, loss divisors
     exact = exact_accumulation(args)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     logger, guard = MetricLogger(run.totals_for(epoch)), NonFiniteGuard(epoch, device)
@@ -103,8 +102,8 @@ def train_one_epoch(model, feature_model, data_loader, optimizer, scaler, device
     batches = logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]", total=num_steps, start=start,
                                on_flush=on_flush, batch_size=args.batch_size * get_world_size())
     for step, (samples, targets, *noise) in enumerate(batches, start=start):
-        first, last, group_size = groups[step]
-        if first:
+        at = plan[step]
+        if at.first:
             if step > start:
                 saver.at_step_boundary(epoch, step, logger, guard)
             lr = adjust_learning_rate(optimizer, epoch + step / num_steps, args)
@@ -114,20 +113,20 @@ def train_one_epoch(model, feature_model, data_loader, optimizer, scaler, device
             noise = noise[0].to(device, non_blocking=True) if noise else None
             pending.append((step, samples.to(device, non_blocking=True), targets.to(device, non_blocking=True),
                             noise))
-        if exact and not last:
+        if exact and not at.last:
             continue  # the exact regulariser needs the features of the whole group first
-        cache = regulariser_grads(feature_model, pending, group_size, args) if exact and pending else None
-        for i, (at, samples, targets, noise) in enumerate(pending):
+        cache = regulariser_grads(feature_model, pending, at.runs, args) if exact and pending else None
+        for i, (k, samples, targets, noise) in enumerate(pending):
             noise, reg_grad, loss_reg = cache[i] if cache else (noise, None, None)
-            with maybe_no_sync(model, sync=at in syncs):
+            with maybe_no_sync(model, sync=plan[k].sync):
                 loss, parts, logits = compute_losses(model, samples, targets, args, noise, reg_grad, loss_reg)
-                scaler.scale(loss / group_size).backward()
-            guard.record(at, loss.detach())
+                scaler.scale(loss / at.runs).backward()
+            guard.record(k, loss.detach())
             total = parts["loss_mae"].float() + args.lamb * parts["loss_reg"] + parts["loss_ce"]
             acc = (logits.detach().argmax(dim=-1) == targets).float().mean() * 100
             logger.update(n=samples.shape[0], loss=total, **parts, acc=acc, lr=lr)
         pending = []
-        if last and any(p.grad is not None for p in params):
+        if at.last and any(p.grad is not None for p in params):
             if args.clip_grad:
                 scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
                 torch.nn.utils.clip_grad_norm_(params, args.clip_grad)

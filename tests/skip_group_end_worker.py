@@ -1,8 +1,11 @@
-"""One epoch of engine_pretrain.train_one_epoch under DDP (2 gloo processes) with a
-step skipped (--nan_retries' run.skip_steps) at the end of an accumulation group;
-writes each rank's weights after it. Run by tests/test_survival.py:
+"""One epoch of a training loop (engine_pretrain's or engine_finetune's, which the linear
+probe runs too) under DDP (2 gloo processes) with steps skipped (--nan_retries'
+run.skip_steps) in accumulation groups; writes how far the ranks' weights are apart
+after it. Run by tests/test_survival.py:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/skip_group_end_worker.py ACCUM_REG SKIPS OUT_JSON
+    python -m torch.distributed.run --nproc_per_node 2 tests/skip_group_end_worker.py ENGINE ACCUM_REG SKIPS OUT_JSON
+
+ENGINE: pretrain | finetune (ACCUM_REG is then unused).
 
 SKIPS: comma-separated steps of epoch 0 to skip (accum_iter 2, 4 steps: groups {0, 1}, {2, 3}).
 """
@@ -15,18 +18,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import engine_finetune  # noqa: E402
+import engine_pretrain  # noqa: E402
 import fidelity_accum as fa  # noqa: E402
-from engine_pretrain import train_one_epoch  # noqa: E402
 from util.checkpoint import CheckpointSaver, RunState  # noqa: E402
 from util.dist import all_gather_object  # noqa: E402
 
 
 def main():
-    accum_reg, skips, out = sys.argv[1:4]
+    engine, accum_reg, skips, out = sys.argv[1:5]
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     args = fa.make_args("tcr", accum_reg, accum_iter=2)
     model = fa.make_model()
+    if engine == "finetune":  # a classifier: the encoder with a fresh head; dropout and drop path off
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 32), torch.nn.GELU(),
+                                    torch.nn.Linear(32, 5)).double()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -37,7 +44,12 @@ def main():
     batches = [(x, y) for x, y in zip(imgs[mine].split(fa.B), targets[mine].split(fa.B))]
     before = [p.detach().clone() for p in model.parameters()]
     torch.manual_seed(fa.SEED + rank)  # the masks differ by rank, as in training
-    train_one_epoch(ddp, model, batches, optimizer, scaler, torch.device("cpu"), 0, run, saver, args)
+    if engine == "pretrain":
+        engine_pretrain.train_one_epoch(ddp, model, batches, optimizer, scaler, torch.device("cpu"), 0, run, saver,
+                                        args)
+    else:
+        engine_finetune.train_one_epoch(ddp, torch.nn.functional.cross_entropy, batches, optimizer, scaler,
+                                        torch.device("cpu"), 0, run, saver, args)
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     moved = max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before))
     everyone = all_gather_object(weights)

@@ -73,6 +73,57 @@ def test_fidelity_accumulation_cost_benchmark_runs():
     assert "exact_over_micro=" in proc.stdout.splitlines()[-1]
 
 
+def _recorded_grads(engine, model, batches, args, skipped):
+    """The gradient one epoch of `engine` hands to the optimizer (one group), steps `skipped`."""
+    import engine_finetune
+    import engine_pretrain
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scaler, run = fa.RecordingScaler(), ckpt.RunState(skip_steps={(0, s) for s in skipped})
+    saver = ckpt.CheckpointSaver(args, model, optimizer, scaler, run, torch.device("cpu"))
+    if engine == "pretrain":
+        engine_pretrain.train_one_epoch(model, model, batches, optimizer, scaler, torch.device("cpu"), 0, run, saver,
+                                        args)
+    else:
+        engine_finetune.train_one_epoch(model, torch.nn.functional.cross_entropy, batches, optimizer, scaler,
+                                        torch.device("cpu"), 0, run, saver, args)
+    return scaler.grads
+
+
+def _one_batch_grads(engine, model, batches, args):
+    """The reference: the steps' batches as one batch (fp64)."""
+    from engine_pretrain import compute_losses
+    x, y, *noise = (torch.cat(t) for t in zip(*batches))
+    model.zero_grad(set_to_none=True)
+    if engine == "pretrain":
+        loss = compute_losses(model, x, y, fa.make_args(args.reg, args.accum_reg, 1), noise[0])[0]
+    else:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("engine,reg,accum_reg", [("pretrain", "none", "micro"), ("pretrain", "tcr", "exact"),
+                                                  ("finetune", "none", "micro")])
+@pytest.mark.parametrize("skipped", [(1,), (2,), (0, 2)])
+def test_fidelity_skipped_step_gives_the_mean_of_the_steps_that_ran(engine, reg, accum_reg, skipped):
+    """accum 3 with steps stepped over (--nan_retries): the group's gradient is one batch of
+    the steps that ran, not that times (steps run / 3)."""
+    args = fa.make_args(reg, accum_reg, accum_iter=3)
+    imgs, targets = fa.make_data(3 * fa.B)
+    noise = torch.rand(3 * fa.B, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    batches = list(zip(imgs.split(fa.B), targets.split(fa.B), noise.split(fa.B)))
+    if engine == "finetune":
+        def make():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5)).double()
+        batches = [b[:2] for b in batches]
+    else:
+        make = fa.make_model
+    got = _recorded_grads(engine, make(), batches, args, skipped)
+    ref = _one_batch_grads(engine, make(), [b for i, b in enumerate(batches) if i not in skipped], args)
+    assert fa.relative_error(got, ref) <= 1e-6
+
+
 # ---- 2. weight-decay groups ------------------------------------------------------------------
 def test_fidelity_weight_decay_groups_are_maes():
     """Official (timm 0.3 add_weight_decay, no skip list): no decay for 1-d tensors and
@@ -165,3 +216,18 @@ def test_fidelity_cuda_rng_state_is_the_current_devices(monkeypatch):
     state = ckpt.rng_state()
     ckpt.set_rng_state(state)
     assert calls == [("get", 3), ("set", 3)]
+
+
+def test_fidelity_per_sample_seeding_leaves_the_cuda_generators_alone(monkeypatch):
+    """--num_workers 0 seeds each sample's augmentation in the training process: only the CPU
+    generator (saved and restored around it) may be reseeded, never the CUDA ones (drop path and
+    anything else drawn on the GPU would restart from the sample's seed)."""
+    from util.datasets import EpochSeeded, SyntheticImages
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(seed))
+    ds = EpochSeeded(SyntheticImages(4, image_size=8, transform=transforms.RandomResizedCrop(8)), seed=1)
+    before = torch.get_rng_state()
+    a, b = ds[(0, 2)][0], ds[(0, 2)][0]
+    assert seeded == [] and torch.equal(torch.get_rng_state(), before)
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # still seeded per sample

@@ -196,12 +196,15 @@ def test_finetune_nonfinite_retry(tmp_path):
     assert "non-finite loss at epoch 1 step 1" in stdout and "skipping epoch 1 step 1" in stdout
 
 
-@pytest.mark.parametrize("accum_reg,skips,steps", [("micro", "1", 2), ("exact", "1", 2), ("micro", "2,3", 1)])
-def test_skipped_group_end_keeps_ddp_replicas_equal(tmp_path, accum_reg, skips, steps):
+@pytest.mark.parametrize("engine,accum_reg,skips,steps", [
+    ("pretrain", "micro", "1", 2), ("pretrain", "exact", "1", 2), ("pretrain", "micro", "2,3", 1),
+    ("finetune", "-", "1", 2), ("finetune", "-", "2,3", 1)])
+def test_skipped_group_end_keeps_ddp_replicas_equal(tmp_path, engine, accum_reg, skips, steps):
     """A skipped last micro-step of a group: the group's last step that runs all-reduces,
-    so both ranks step on the same gradient (a fully skipped group steps on neither)."""
+    so both ranks step on the same gradient (a fully skipped group steps on neither), in
+    pretraining and in the fine-tune/linear-probe loop."""
     out = tmp_path / "res.json"
-    proc = run_script("tests/skip_group_end_worker.py", accum_reg, skips, out, torchrun=2, timeout=300)
+    proc = run_script("tests/skip_group_end_worker.py", engine, accum_reg, skips, out, torchrun=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["moved"] > 1e-4 and res["steps"] == steps
