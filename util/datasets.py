@@ -312,8 +312,10 @@ class EpochSeeded(Dataset):
         epoch, index = key
         s, mask_seed = (int(x) for x in np.random.SeedSequence([self.seed, epoch, index]).generate_state(2))
         py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
+        with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only
+            # so seed that one alone: torch.manual_seed would reseed every CUDA generator too
+            # (drop path, masks drawn on the GPU), unrestored, with --num_workers 0
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             np.random.seed(s)
             try:
