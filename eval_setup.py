@@ -178,7 +178,7 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
     print(f"model {args.model} ({'global pool' if args.global_pool else 'cls token'}): "
           f"{n_train / 1e6:.3f}M trainable params; {args.nb_classes} classes")
     print(f"effective batch {eff_batch}, lr {args.lr:.3g} (blr {args.blr:.3g}); "
-          f"{len(data.train_loader)} steps/epoch; amp {args.amp}; device {device}; world size {get_world_size()}")
+          f"{data.train_loader.sampler.describe()}; amp {args.amp}; device {device}; world size {get_world_size()}")
     print("args: " + json.dumps(ckpt.plain_args(args)))
     log_writer = tensorboard_writer(args.log_dir)
     saver = ckpt.CheckpointSaver(args, model_without_ddp, optimizer, scaler, run_state, device)

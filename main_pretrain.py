@@ -219,7 +219,7 @@ def main(args):
 
     print(f"model {args.model}: {sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad) / 1e6:.2f}M "
           f"trainable params; reg {args.reg} lamb {args.lamb}")
-    print(f"effective batch {eff_batch}, lr {args.lr:.3g} (blr {args.blr:.3g}); {len(loader)} steps/epoch; "
+    print(f"effective batch {eff_batch}, lr {args.lr:.3g} (blr {args.blr:.3g}); {loader.sampler.describe()}; "
           f"amp {args.amp}; device {device}; world size {get_world_size()}")
     if args.accum_iter > 1 and args.reg != "none" and args.lamb > 0:
         print("regulariser under accumulation: " + (

@@ -321,12 +321,12 @@ def test_epoch_seeded_fast_samples_do_not_depend_on_the_order(tmp_path):
 
 
 # ---- the train sampler's global batches and per-sample masks (resume on another world size) ----
-def sampler_batches(n, batch_size, world, epoch, start_step=0):
+def sampler_batches(n, batch_size, world, epoch, start_step=0, accum_iter=1):
     """Each rank's TrainSampler batches, as a world of `world` processes would see them."""
     from util.datasets import TrainSampler
     out = []
     for rank in range(world):
-        s = TrainSampler(range(n), batch_size, seed=7)
+        s = TrainSampler(range(n), batch_size, seed=7, accum_iter=accum_iter)
         s.rank, s.world = rank, world
         s.set_epoch(epoch)
         s.start_index = start_step * batch_size
@@ -347,6 +347,28 @@ def test_train_sampler_global_batches_do_not_depend_on_the_world_size():
     resumed = sampler_batches(70, 4, 2, epoch=3, start_step=3)
     assert [a + b for a, b in zip(*resumed)] == [a + b for a, b in zip(one[6::2], one[7::2])]
     assert one != sampler_batches(70, 4, 1, epoch=4)[0]  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("n", [97, 71])  # primes: no batch divides them
+def test_train_sampler_updates_per_epoch_depend_only_on_the_effective_batch(n):
+    """Effective batch 24 as 4 x accum 6 x 1, 4 x accum 3 x 2 and 4 x accum 2 x 3 processes:
+    the same whole updates (n // 24), each the same 24 samples; the rest are left out."""
+    updates = {}
+    for world, accum in ((1, 6), (2, 3), (3, 2)):
+        ranks = sampler_batches(n, 4, world, epoch=1, accum_iter=accum)
+        assert all(len(r) == n // 24 * accum for r in ranks)
+        steps = [sum((r[k] for r in ranks), []) for k in range(len(ranks[0]))]  # global batch k
+        updates[world] = [sorted(sum(steps[u * accum:(u + 1) * accum], [])) for u in range(n // 24)]
+    assert updates[1] == updates[2] == updates[3] and all(len(u) == 24 for u in updates[1])
+    resumed = sampler_batches(n, 4, 3, epoch=1, start_step=2, accum_iter=2)  # at update 1, on 3 processes
+    assert sorted(sum((sum(r[:2], []) for r in resumed), [])) == updates[1][1]
+
+
+def test_train_sampler_plan_is_stated():
+    from util.datasets import TrainSampler
+    s = TrainSampler(range(97), 4, seed=0, accum_iter=6)
+    assert s.describe() == ("24 steps/epoch, 4 updates of 24 images (1 of 97 images, a different draw each "
+                            "epoch, left out: short of an effective batch)")
 
 
 def test_mask_noise_follows_the_sample_and_keeps_maes_masking():

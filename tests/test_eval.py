@@ -324,7 +324,7 @@ def test_launcher_runs_demo_recipe(script, pretrained, tmp_path):
            "OUTPUT_DIR": str(tmp_path / "out"), "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "PYTHON": sys.executable}
     proc = subprocess.run(["bash", os.path.join(REPO, script), "--input_size", "16", "--patch_size", "8",
-                           "--synthetic_size", "32", "--epochs", "1", "--num_workers", "0", "--device", "cpu"],
+                           "--synthetic_size", "64", "--epochs", "1", "--num_workers", "0", "--device", "cpu"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = read_log(tmp_path / "out")

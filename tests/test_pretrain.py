@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_one_line_error, run_and_resume_after_epoch0, run_script
-from util.accumulation import accumulation_groups, sync_steps
+from util.accumulation import accumulation_plan
 from main_pretrain import build_train_loader, get_args_parser
 
 
@@ -51,19 +51,31 @@ def test_resume_continues_exactly(tmp_path, tiny_args):
     assert read_log(tmp_path / "full")[1] == read_log(tmp_path / "cut")[0]
 
 
-def test_accum_iter_larger_than_epoch_still_updates(tmp_path, tiny_args):
-    assert accumulation_groups(5, 2) == [(True, False, 2), (False, True, 2), (True, False, 2),
-                                         (False, True, 2), (True, True, 1)]
-    assert accumulation_groups(3, 8) == [(True, False, 3), (False, False, 3), (False, True, 3)]
-    # the all-reduce moves to a group's last step that runs; a fully skipped group has none
-    assert sync_steps(5, 2, set()) == {1, 3, 4} and sync_steps(5, 2, {1, 4}) == {0, 3}
-    assert sync_steps(6, 3, {1, 2, 3, 4, 5}) == {0}
-    out = str(tmp_path / "accum")
-    proc = run_script("main_pretrain.py", *tiny_args, "--accum_iter", "8", "--warmup_epochs", "0",
-                      "--output_dir", out)  # 4 steps per epoch < accum_iter
+def test_accumulation_plan():
+    S = accumulation_plan
+    assert S(4, 2) == [(True, False, False, 2), (False, True, True, 2), (True, False, False, 2),
+                       (False, True, True, 2)]
+    # the all-reduce moves to a group's last step that runs; the loss is divided by the steps that run;
+    # a fully skipped group has no all-reduce (and no gradient: nothing steps)
+    assert [a.sync for a in S(6, 3, {2, 3, 4, 5})] == [False, True, False, False, False, False]
+    assert [a.runs for a in S(6, 3, {1, 3, 4, 5})] == [2, 2, 2, 0, 0, 0]
+    with pytest.raises(ValueError):
+        S(5, 2)  # epochs are whole groups (TrainSampler)
+
+
+def test_accum_iter_beyond_the_dataset_is_one_line(tmp_path, tiny_args):
+    """64 images, effective batch 16 x 8: no whole update fits (the published code then never
+    updated, silently); and a run whose epochs leave a short group trains only whole ones."""
+    proc = run_script("main_pretrain.py", *tiny_args, "--accum_iter", "8", "--output_dir", tmp_path / "a")
+    assert_one_line_error(proc, "64 images, fewer than one effective batch of 128", "--accum_iter 8")
+    assert not os.path.exists(tmp_path / "a" / "checkpoint-0.pth")
+    out = str(tmp_path / "b")
+    proc = run_script("main_pretrain.py", *tiny_args, "--accum_iter", "3", "--warmup_epochs", "0",
+                      "--output_dir", out)  # 4 steps of 16: one update of 48, the last 16 images left out
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 steps/epoch, 1 updates of 48 images (16 of 64 images" in proc.stdout
     trained = torch.load(os.path.join(out, "checkpoint-0.pth"), weights_only=True)
-    assert trained["optimizer"]["state"], "the optimizer never stepped"
+    assert [s["step"] for s in trained["optimizer"]["state"].values()][0] == 1
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_args):

@@ -233,10 +233,12 @@ class ShardSampler(Sampler):
 
 
 def train_loader(dataset, args, seed, collate_fn=None, mask_patches=0):
-    """Shuffled, rank-sharded loader dropping the last incomplete global batch (as MAE),
-    with augmentation seeded per (epoch, sample); call loader.sampler.set_epoch. With
-    mask_patches, each batch also holds every sample's mask noise (EpochSeeded)."""
-    sampler = TrainSampler(dataset, args.batch_size, seed)
+    """Shuffled, rank-sharded loader of whole accumulation groups (TrainSampler: the epoch's
+    leftover samples short of an effective batch are dropped, as MAE), with augmentation
+    seeded per (epoch, sample); call loader.sampler.set_epoch. With mask_patches, each
+    batch also holds every sample's mask noise (EpochSeeded)."""
+    accum = getattr(args, "accum_iter", 1)
+    sampler = TrainSampler(dataset, args.batch_size, seed, accum)
     if mask_patches and collate_fn is not None:
         collate_fn = NoiseLast(collate_fn)
     # The loader's own generator: creating an iterator then draws nothing from the
@@ -246,8 +248,10 @@ def train_loader(dataset, args, seed, collate_fn=None, mask_patches=0):
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(seed))
     if len(loader) == 0:
-        raise UserError(f"the training set has {len(dataset)} images, fewer than one global batch "
-                        f"({args.batch_size} x {get_world_size()} ranks)")
+        world = get_world_size()
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one effective batch of "
+                        f"{args.batch_size * accum * world} (--batch_size {args.batch_size} x --accum_iter {accum} "
+                        f"x {world} processes): no update could run; lower --batch_size or --accum_iter")
     return loader
 
 
@@ -355,22 +359,40 @@ class TrainSampler(Sampler):
     the same samples whether it is split over ranks or over micro-steps, and a resume
     on another world size addresses the global sample position. Yields (epoch, index)
     pairs for EpochSeeded; start_index skips this rank's first samples (a resume at
-    step k sets k * batch_size). The last incomplete global batch is dropped (as MAE)."""
+    step k sets k * batch_size).
 
-    def __init__(self, dataset, batch_size, seed):
-        self.size, self.batch_size, self.seed = len(dataset), batch_size, seed
+    An epoch is whole accumulation groups: floor(size / effective batch) updates of
+    accum_iter steps; the leftover samples (fewer than an effective batch) are dropped, as
+    MAE's loop drops a short last group. A short group would update at full lr on a
+    smaller batch, and the updates per epoch (and so the lr schedule) would depend on the
+    world size; this way they depend on the dataset size and the effective batch only."""
+
+    def __init__(self, dataset, batch_size, seed, accum_iter=1):
+        self.size, self.batch_size, self.seed, self.accum_iter = len(dataset), batch_size, seed, accum_iter
         self.rank, self.world = get_rank(), get_world_size()
         self.epoch, self.start_index = 0, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def steps(self):
+        """Steps per epoch: whole groups of accum_iter global batches."""
+        return self.size // (self.batch_size * self.world * self.accum_iter) * self.accum_iter
+
+    def describe(self):
+        """The epoch's plan, for the start of the log."""
+        left = self.size - self.steps() * self.batch_size * self.world
+        return (f"{self.steps()} steps/epoch, {self.steps() // self.accum_iter} updates of "
+                f"{self.batch_size * self.world * self.accum_iter} images"
+                + (f" ({left} of {self.size} images, a different draw each epoch, left out: short of an "
+                   "effective batch)" if left else ""))
+
     def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         b, per_step = self.batch_size, self.batch_size * self.world
-        for k in range(self.start_index // b, self.size // per_step):
+        for k in range(self.start_index // b, self.steps()):
             first = k * per_step + self.rank * b
             yield from ((self.epoch, i) for i in order[first:first + b])
 
     def __len__(self):
-        return self.size // (self.batch_size * self.world) * self.batch_size - self.start_index
+        return max(self.steps() * self.batch_size - self.start_index, 0)
