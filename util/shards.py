@@ -12,6 +12,7 @@ Layout of a shard root (the webdataset layout, so webdataset and wids read it to
     SHARD_ROOT/{train,val}/index.json      a wids descriptor, plus what this reader needs
     SHARD_ROOT/{train,val}/000000.tar ...  per image: 00000000.jpeg (the source file's own
                                            bytes and extension) then 00000000.cls (the label)
+    SHARD_ROOT/{train,val}/make_shards.json  what make_shards.py converted it with (not read here)
 
 ShardImageFolder is map-style: index i is the i-th sample of the ImageFolder the split came
 from (sorted classes, then sorted files), with the same `classes` and `targets`, and it
