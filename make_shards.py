@@ -7,10 +7,14 @@ with `--data_path SHARD_ROOT` (the layout and the reader: util/shards.py).
 Each image keeps its file's bytes, in the ImageFolder's order (sorted classes, then sorted
 files). Interrupted, it resumes: a shard is written as NAME.tmp and renamed when complete,
 the index is written last; a rerun keeps the finished shards that hold what the source says
-(names, sizes, labels) and rewrites the rest. --verify reads every shard back and checks
-counts, labels and bytes against the source. Progress bars go to stdout, errors to stderr.
+(names, sizes, labels) and rewrites the rest. What a split was converted with (--shard_mb,
+the source's listing) is recorded in SPLIT/make_shards.json before its first shard; a rerun
+with other settings is refused, or with --rebuild starts the split over. --verify reads
+every shard back and checks counts, labels and bytes against the source. Progress bars go
+to stdout, errors to stderr.
 """
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -22,7 +26,10 @@ from tqdm import tqdm
 
 from util.cli import add_bool
 from util.errors import UserError, exit_on_user_error
-from util.shards import BLOCK, FORMAT, INDEX, ShardImageFolder, load_index, member_names, padded, read_bytes
+from util.shards import (BLOCK, FORMAT, INDEX, SHARD_FILE, ShardImageFolder, load_index, member_names, padded,
+                         read_bytes)
+
+SETTINGS = "make_shards.json"  # beside index.json: what the split's shards were converted with
 
 
 def get_args_parser():
@@ -31,6 +38,8 @@ def get_args_parser():
     p.add_argument("--dst", required=True, help="shard root to write (SHARD_ROOT/{train,val}/)")
     p.add_argument("--splits", nargs="+", default=["train", "val"])
     p.add_argument("--shard_mb", type=float, default=256, help="shard size in MB (a shard holds one image at least)")
+    add_bool(p, "--rebuild", False, "when --dst holds a split converted with another --shard_mb or from another "
+             "source, delete its shards and convert it again (default: refuse)")
     add_bool(p, "--verify", False, "after converting, read every shard back and compare with the source")
     add_bool(p, "--verify_only", False, "only verify an existing shard root against --src")
     return p
@@ -115,10 +124,57 @@ def shard_entry(path, first, samples, size_of):
             "offsets": [o for _, o, _, _ in found], "sizes": [s for _, _, s, _ in found]}
 
 
-def convert_split(src, dst, split, limit):
+def conversion(root, classes, samples, limit):
+    """The settings a split's shards follow: shard size, and the source's listing (its
+    classes and (name, label) list by hash; moved elsewhere, the same listing resumes)."""
+    listing = hashlib.sha256(json.dumps([classes, samples]).encode()).hexdigest()
+    return {"shard_bytes": limit, "source": os.path.abspath(root), "listing_sha256": listing,
+            "images": len(samples), "classes": len(classes)}
+
+
+def changes(earlier, now):
+    """How the settings `now` differ from `earlier` ones, in words ([] if they do not)."""
+    mb = lambda settings: f"{settings['shard_bytes'] / 2**20:.4g}"  # --shard_mb as given (the limit is whole bytes)
+    out = []
+    if earlier["shard_bytes"] != now["shard_bytes"]:
+        out.append(f"--shard_mb {mb(earlier)} (this run: {mb(now)})")
+    if earlier["listing_sha256"] != now["listing_sha256"]:
+        out.append(f"another source, {earlier['images']} images in {earlier['classes']} classes of {earlier['source']} "
+                   f"(this run: {now['images']} in {now['classes']} of {now['source']})")
+    return out
+
+
+def claim(out, settings, rebuild):
+    """Record `settings` as those of the split folder `out`, after checking that the shards
+    it holds were converted with the same ones (then a rerun resumes): other settings are
+    refused, or with `rebuild` the split's shards and index are deleted."""
+    found = [n for n in os.listdir(out) if SHARD_FILE.fullmatch(n) or n in (INDEX, INDEX + ".tmp")]
+    try:
+        with open(os.path.join(out, SETTINGS)) as f:
+            earlier = json.load(f)
+        diff = changes(earlier, settings)
+    except (OSError, ValueError, TypeError, KeyError):  # none, or not one of ours
+        earlier, diff = None, None
+    if found and diff != []:
+        if not rebuild:
+            what = (f"was converted with {' and '.join(diff)}" if earlier is not None else
+                    f"holds {len(found)} shard files but no readable {SETTINGS} (an older make_shards.py, or another "
+                    "tool)")
+            raise UserError(f"{out} {what}: pass --rebuild to replace its shards, or rerun with the earlier "
+                            "settings to resume")
+        for name in found:
+            os.remove(os.path.join(out, name))
+        print(f"{os.path.basename(out)}: --rebuild: removed the {len(found)} files of the earlier conversion")
+    with open(os.path.join(out, SETTINGS + ".tmp"), "w") as f:
+        json.dump(settings, f)
+    os.replace(os.path.join(out, SETTINGS + ".tmp"), os.path.join(out, SETTINGS))
+
+
+def convert_split(src, dst, split, limit, rebuild=False):
     root, classes, samples = source_samples(src, split)
     out = os.path.join(dst, split)
     os.makedirs(out, exist_ok=True)
+    claim(out, conversion(root, classes, samples, limit), rebuild)
     if os.path.exists(os.path.join(out, INDEX)):
         os.remove(os.path.join(out, INDEX))  # the shards may change below; the index goes last
     shard = lambda k: os.path.join(out, f"{k:06d}.tar")
@@ -185,7 +241,7 @@ def main(args):
         raise UserError("--shard_mb must be positive")
     for split in args.splits:
         if not args.verify_only:
-            convert_split(args.src, args.dst, split, int(args.shard_mb * 2**20))
+            convert_split(args.src, args.dst, split, int(args.shard_mb * 2**20), args.rebuild)
         if args.verify or args.verify_only:
             verify_split(args.src, args.dst, split)
 

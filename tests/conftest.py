@@ -24,8 +24,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_script(script, *args, timeout=600, env=None, torchrun=0):
-    """Run a repository script as a user would; returns the CompletedProcess."""
+def run_script(script, *args, timeout=600, env=None, torchrun=0, preexec_fn=None):
+    """Run a repository script as a user would; returns the CompletedProcess. preexec_fn runs
+    in the child before the script (e.g. a lower resource limit)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(k, None)
@@ -34,7 +35,8 @@ def run_script(script, *args, timeout=600, env=None, torchrun=0):
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(torchrun),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cmd += [os.path.join(REPO, script), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
 
 
 def assert_one_line_error(proc, *fragments):

@@ -1,21 +1,24 @@
 """ImageFolders as tar shards (make_shards.py, util/shards.py): conversion, an interrupted and
-resumed conversion, reading (the same samples, labels and batches as the ImageFolder path),
-bad shards as one line, and an exact mid-epoch resume from shards."""
+resumed conversion, a rerun with other settings, reading (the same samples, labels and batches
+as the ImageFolder path), bad indexes and shards as one line before the first step, open shards
+bounded per worker, and an exact mid-epoch resume from shards."""
 import copy
 import io
 import json
 import os
 import pickle
+import resource
 import shutil
 import signal
 import tarfile
 
 import pytest
 import torch
-from torch.utils.data import Subset
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import make_shards
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, free_port, run_script
 from test_data_pipeline import jpeg_folder, photo, save
 from test_survival import RUN, assert_same_weights, final_model, kill_group, launch, wait_for_position
 from util.datasets import EpochSeeded, SubsetImageFolder, checked_loader
@@ -108,6 +111,42 @@ def test_interrupted_conversion_resumes(tmp_path, monkeypatch):
     assert sorted(os.listdir(cut / "train")) == sorted(os.listdir(fresh / "train"))
     for n in os.listdir(fresh / "train"):  # the same shards as an uninterrupted conversion
         assert (cut / "train" / n).read_bytes() == (fresh / "train" / n).read_bytes(), n
+
+
+def snapshot(split):
+    return {n: (split / n).read_bytes() for n in sorted(os.listdir(split))}
+
+
+def test_a_rerun_with_another_shard_mb_is_refused_or_rebuilt(tmp_path):
+    src, dst = folder(tmp_path / "src"), tmp_path / "shards"
+    convert(src, dst, "--splits", "train")
+    before = snapshot(dst / "train")
+    again = ("make_shards.py", "--src", src, "--dst", dst, "--splits", "train", "--shard_mb", "0.03")
+    proc = run_script(*again)
+    assert_one_line_error(proc, str(dst / "train"), "--shard_mb 0.012 (this run: 0.03)", "--rebuild")
+    assert snapshot(dst / "train") == before  # refused before anything changed: the root still reads
+    os.remove(dst / "train" / "index.json")  # as an interrupted conversion leaves it: refused too
+    assert_one_line_error(run_script(*again), "--shard_mb 0.012 (this run: 0.03)")
+    proc = run_script(*again, "--rebuild", "--verify")
+    assert proc.returncode == 0 and "--rebuild: removed" in proc.stdout, proc.stderr
+    make_shards.convert_split(src, str(tmp_path / "fresh"), "train", int(0.03 * 2**20))
+    assert snapshot(dst / "train") == snapshot(tmp_path / "fresh" / "train")  # as converted at 0.03 at once
+    assert len(snapshot(dst / "train")) < len(before)
+    os.remove(dst / "train" / "make_shards.json")  # shards of an older make_shards.py: unknown settings
+    assert_one_line_error(run_script(*again), "no readable make_shards.json", "--rebuild")
+
+
+def test_a_rerun_on_another_source_is_refused_or_rebuilt_and_a_moved_one_resumes(tmp_path):
+    src, dst = folder(tmp_path / "src"), tmp_path / "shards"
+    convert(src, dst, "--splits", "train")
+    moved = shutil.copytree(src, tmp_path / "moved copy")  # the same listing elsewhere: a resume
+    n = len(json.load(open(dst / "train" / "index.json"))["shardlist"])
+    assert f"keeping {n} finished shards" in convert(moved, dst, "--splits", "train").stdout
+    save(photo(40, 40, seed=3), moved / "train" / "a" / "0b.JPEG")  # one image more, in class a
+    proc = run_script("make_shards.py", "--src", moved, "--dst", dst, "--splits", "train", "--shard_mb", "0.012")
+    assert_one_line_error(proc, "another source, 15 images in 3 classes", "this run: 16 in 3", "--rebuild")
+    convert(moved, dst, "--splits", "train", "--rebuild", "--verify")
+    assert len(ShardImageFolder(str(dst / "train"))) == 16
 
 
 def test_class_subset_and_a_spawned_worker(data):
@@ -204,9 +243,9 @@ def test_the_loader_reads_a_batch_concurrently_before_its_first_decode(data, mon
     def loader(member):
         events.append("decode")
         return read_bytes(member)
-    monkeypatch.setattr(os, "pread", pread)
     args = Namespace(batch_size=4, num_workers=0, pin_mem=False)
-    shards = ShardImageFolder(os.path.join(dst, "train"), loader=loader)
+    shards = ShardImageFolder(os.path.join(dst, "train"), loader=loader)  # its shard check reads headers
+    monkeypatch.setattr(os, "pread", pread)
     loader = train_loader(shards, args, seed=0, collate_fn=lambda b: list(zip(*b)))
     images, targets = next(iter(loader))
     assert events == ["read"] * 4 + ["decode"] * 4
@@ -261,6 +300,205 @@ def test_a_bad_shard_is_one_line_naming_shard_and_member(data, tmp_path, tiny_ar
     assert_one_line_error(proc, shard, member)
     proc = run_script("make_shards.py", "--src", src, "--dst", dst, "--verify_only", "--splits", "train")
     assert_one_line_error(proc, shard)
+
+
+def copy_split(good, dst):
+    shutil.copytree(good, dst)
+    return dst / "train"
+
+
+def edit_index(split, change):
+    index = json.load(open(split / "index.json"))
+    change(index)
+    json.dump(index, open(split / "index.json", "w"))
+
+
+def shard_entry_at(k, **fields):
+    return lambda index: index["shardlist"][k].update(fields)
+
+
+INDEX_FAULTS = {  # change of the index -> fragment of its one-line error
+    "no classes": (lambda index: index.pop("classes"), "no `classes`"),
+    "nsamples": (lambda index: index["shardlist"][1].update(nsamples=index["shardlist"][1]["nsamples"] + 1),
+                 "shard 1 (000001.tar): `nsamples` is"),
+    "a list cut short": (lambda index: index["shardlist"][2]["labels"].pop(), "but `labels` lists"),
+    "first": (lambda index: index["shardlist"][2].update(first=0), "`first` is 0"),
+    "a label past the classes": (lambda index: index["shardlist"][0]["labels"].__setitem__(0, 3),
+                                 "a label outside 0..2"),
+    "offsets past the file": (lambda index: index["shardlist"][1]["offsets"].__setitem__(-1, 10**6),
+                              "do not lay the members out"),
+    "a string size": (lambda index: index["shardlist"][1]["sizes"].__setitem__(0, "12"), "whole numbers"),
+    "no shardlist": (lambda index: index.update(shardlist=[]), "no `shardlist`"),
+    "no url": (lambda index: index["shardlist"][0].pop("url"), "shard 0: no `url`"),
+    "no filesize": (lambda index: index["shardlist"][0].pop("filesize"), "no `filesize`"),
+    "another format": (lambda index: index.update(format="wids"), "is not a shard index"),
+}
+
+
+@pytest.mark.parametrize("kind", INDEX_FAULTS)
+def test_a_bad_index_is_one_line_when_the_dataset_is_built(data, tmp_path, kind):
+    change, fragment = INDEX_FAULTS[kind]
+    split = copy_split(data[1], tmp_path / "shards")
+    edit_index(split, change)
+    with pytest.raises(UserError) as e:
+        ShardImageFolder(str(split))
+    assert fragment in str(e.value) and "\n" not in str(e.value) and str(split / "index.json") in str(e.value)
+
+
+def spoil_before_the_run(split, kind):
+    """Fault `kind` in a copy of a shard split: (fragments of its one-line error)."""
+    shard = split / "000001.tar"
+    if kind in INDEX_FAULTS:
+        change, fragment = INDEX_FAULTS[kind]
+        edit_index(split, change)
+        return str(split / "index.json"), fragment
+    if kind == "missing shard":
+        os.remove(shard)
+        return f"cannot open shard {shard}: No such file or directory",
+    if kind == "a directory for a shard":
+        os.remove(shard)
+        os.mkdir(shard)
+        return f"shard {shard} is not a file",
+    if kind == "zeros in a shard":  # what an interrupted copy that preallocated the file leaves
+        first = json.load(open(split / "index.json"))["shardlist"][1]["first"]
+        shard.write_bytes(bytes(os.path.getsize(shard)))
+        return f"shard {shard} does not start with member {first:08d}.jpeg", "found no tar header"
+    if kind == "another tar in its place":  # a shard of another conversion, of the same size
+        data = bytearray(shard.read_bytes())
+        data[:8] = b"00000099"
+        shard.write_bytes(bytes(data))
+        return f"shard {shard} does not start with member", "found '00000099.jpeg'"
+    assert kind == "half-converted"
+    os.remove(split / "index.json")
+    return f"{split} holds", "tar shards but no index.json", "re-run make_shards.py"
+
+
+@pytest.mark.parametrize("kind", ["no classes", "nsamples", "missing shard", "a directory for a shard",
+                                  "zeros in a shard", "another tar in its place", "half-converted"])
+def test_a_shard_fault_is_one_line_before_the_first_step(data, tmp_path, tiny_args, kind):
+    split = copy_split(data[1], tmp_path / "shards dir")
+    fragments = spoil_before_the_run(split, kind)
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", split.parent, "--batch_size", "4",
+                      "--num_workers", "1", "--output_dir", tmp_path / "out")
+    assert_one_line_error(proc, *fragments)
+    assert "steps/epoch" not in proc.stdout  # the run's summary, printed before its first step
+
+
+def test_an_unreadable_shard_is_one_line_when_the_dataset_is_built(data, tmp_path, monkeypatch):
+    split = copy_split(data[1], tmp_path / "shards")
+    real, shard = os.open, str(split / "000002.tar")
+
+    def denied(path, *args, **kwargs):
+        if path == shard:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", denied)  # as a shard of another user without read permission
+    with pytest.raises(UserError, match=f"^cannot read shard {shard}: Permission denied$"):
+        ShardImageFolder(str(split))
+
+
+def _rank_checks_shards(rank, world, port, good, bad, out):
+    """On every rank: build the dataset of a split whose shard 000001.tar is zeroed, then of a
+    good one; the ranks other than 0 count their stats of shard files (rank 0 checks)."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    stats, real = [], os.stat
+    if rank:
+        os.stat = lambda path, *a, **k: (stats.append(path) if str(path).endswith(".tar") else None) or real(path, *a, **k)
+    try:
+        ShardImageFolder(bad)
+        error = None
+    except UserError as e:
+        error = str(e)
+    n = len(ShardImageFolder(good))
+    os.stat = real
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"error": error, "stats": len(stats), "n": n}, f)
+    dist.destroy_process_group()
+
+
+def test_rank_0_checks_the_shards_and_every_rank_stops_with_its_line(data, tmp_path):
+    bad = copy_split(data[1], tmp_path / "bad")
+    spoil_before_the_run(bad, "zeros in a shard")
+    mp.spawn(_rank_checks_shards, args=(3, free_port(), os.path.join(data[1], "train"), str(bad), str(tmp_path)),
+             nprocs=3, join=True)
+    got = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(3)]
+    assert got[0]["error"].startswith(f"shard {bad / '000001.tar'} does not start with member 00000003.jpeg")
+    assert [g["error"] for g in got] == [got[0]["error"]] * 3
+    assert [g["stats"] for g in got[1:]] == [0, 0] and [g["n"] for g in got] == [15] * 3
+
+
+# ---- many shards: open files bounded ---------------------------------------------------------
+LOW_LIMIT = 256  # `ulimit -n` of the runs below: max_open_shards() keeps 64 shards open
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """5,000 shards of one tiny JPEG each (train only), written with fsync off."""
+    root = tmp_path_factory.mktemp("many")
+    images = [io.BytesIO() for _ in range(7)]
+    for k, buf in enumerate(images):
+        photo(12, 10, seed=k).save(buf, format="JPEG", quality=90)
+    for i in range(5000):
+        os.makedirs(root / "src" / "train" / f"c{i % 10}", exist_ok=True)
+        (root / "src" / "train" / f"c{i % 10}" / f"{i:04d}.jpg").write_bytes(images[i % 7].getvalue())
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "fsync", lambda fd: None)
+        make_shards.convert_split(str(root / "src"), str(root / "shards"), "train", 1)  # one image a shard
+    assert len(os.listdir(root / "shards" / "train")) == 5000 + 2  # and index.json, make_shards.json
+    return str(root / "src"), str(root / "shards")
+
+
+def lower_open_files(worker_id):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_LIMIT, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+class OpenFiles(Dataset):
+    """A sample's bytes with what its worker holds open just after reading it: (bytes,
+    shards open, descriptors of the process)."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def __len__(self):
+        return len(self.shards)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):
+        self.shards.prefetch(indices)
+        return [(self.shards.read(i).raw, len(self.shards.fds), len(os.listdir("/proc/self/fd")))
+                for i in indices]
+
+
+def test_a_worker_keeps_a_bounded_number_of_shards_open(many_shards):
+    src, dst = many_shards
+    shards = ShardImageFolder(os.path.join(dst, "train"))
+    loader = DataLoader(OpenFiles(shards), batch_size=97, shuffle=True, num_workers=2, collate_fn=list,
+                        worker_init_fn=lower_open_files, generator=torch.Generator().manual_seed(0))
+    got = [sample for batch in loader for sample in batch]
+    bound = LOW_LIMIT // 4
+    assert len(got) == 5000
+    assert max(open_shards for _, open_shards, _ in got) == bound  # reached, never passed
+    descriptors = [n for _, _, n in got]
+    assert max(descriptors) - min(descriptors) <= bound and max(descriptors) < LOW_LIMIT
+    files = SubsetImageFolder(os.path.join(src, "train"))
+    assert sorted(raw for raw, _, _ in got) == sorted(open(p, "rb").read() for p, _ in files.samples)
+
+
+def test_a_root_of_5000_shards_trains_under_a_low_open_files_limit(many_shards, tmp_path, tiny_args):
+    """The whole root is checked when the dataset is built; the training reads 2 of its 10
+    classes (1,000 shards, each worker touching ~500 under `ulimit -n` 256) to keep it short."""
+    src, dst = many_shards
+    (tmp_path / "two.txt").write_text("c3\nc7\n")
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", dst, "--class_subset", tmp_path / "two.txt",
+                      "--batch_size", "250", "--depth", "2", "--decoder_depth", "1", "--num_workers", "2",
+                      "--output_dir", tmp_path / "out", preexec_fn=lambda: lower_open_files(None))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 steps/epoch" in proc.stdout
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "out" / "log.txt")] == [0]
 
 
 # ---- exact resume ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torchvision.transforms import functional as F
 from util.dist import get_rank, get_world_size
 from util.errors import UserError
 from util.jpeg import DecodeCrop
-from util.shards import ShardImageFolder, is_shard_split, read_bytes
+from util.shards import ShardImageFolder, is_shard_split, read_bytes, unfinished_conversion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -181,8 +181,8 @@ def build_dataset(args, split, transform, loader=None):
         return ShardImageFolder(root, transform, read_class_subset(args.class_subset), loader or checked_loader)
     try:
         return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
-    except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise UserError(f"{root}: {e}") from None
+    except FileNotFoundError as e:  # no class folders (tar shards without an index?), or a class folder without images
+        raise UserError(unfinished_conversion(root) or f"{root}: {e}") from None
 
 
 def build_train_set(args, transform):
