@@ -209,7 +209,9 @@ def test_launchers_resolve_relative_paths_in_the_callers_folder(script, env, fra
 
 
 def test_pretrain_sh_writes_to_a_relative_output_dir_of_the_caller(tmp_path):
-    proc = launch("pretrain.sh", tmp_path, *TINY, RECIPE="mmae", OUTPUT_DIR="runs/here")
+    # one update per 16 images: TINY's 64 images hold at least one effective batch
+    proc = launch("pretrain.sh", tmp_path, *TINY, RECIPE="mmae", OUTPUT_DIR="runs/here",
+                  EFF_BATCH="16", BATCH="16", ACCUM="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(tmp_path / "runs" / "here" / "checkpoint-0.pth")
 
