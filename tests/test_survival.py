@@ -100,6 +100,35 @@ def test_sigkill_at_random_steps_then_relaunch_matches_uninterrupted(tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp." in f]
 
 
+def test_requeued_resume_job_continues_from_its_own_checkpoints(tmp_path):
+    """A job started with --resume X and requeued (the same command again) continues from
+    the newest checkpoint it wrote in --output_dir, not from X: killed twice, it ends at
+    the uninterrupted run's weights having redone no step."""
+    seed = launch(tmp_path / "seed", "--epochs", "1", "--save_every_steps", "0")
+    _, err = seed.communicate(timeout=600)
+    assert seed.returncode == 0, err[-2000:]
+    start = tmp_path / "seed" / "checkpoint-0.pth"
+    ref = launch(tmp_path / "ref", "--resume", start)
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-2000:]
+    out = tmp_path / "job"
+    for target in [(1, 1), (1, 3)]:
+        proc = launch(out, "--resume", start)
+        seen = wait_for_position(proc, out, target)
+        kill_group(proc, signal.SIGKILL)
+    proc = launch(out, "--resume", start)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"--resume {start} started this run; continuing from its newest checkpoint" in stdout
+    assert f"starting at epoch {seen[0]} step {seen[1]}" in stdout
+    assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
+    # another --resume into that folder is a new run: it starts from the file it names
+    proc = launch(out, "--resume", tmp_path / "ref" / "checkpoint-1.pth", "--epochs", "3")
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "resumed from " + str(tmp_path / "ref" / "checkpoint-1.pth") in stdout
+
+
 def test_truncated_newest_checkpoint_falls_back(tmp_path):
     out = tmp_path / "run"
     proc = launch(out, "--epochs", "1")

@@ -150,10 +150,19 @@ def list_checkpoints(output_dir):
 def find_resume_checkpoint(args, newest=False):
     """The checkpoint to continue from: --resume, else with --auto_resume (or newest)
     the newest readable one in output_dir (a corrupt newest file is reported and skipped).
+    A run started with --resume X continues from its own newest checkpoint in output_dir
+    once it has one: a requeued job runs the same command and must not go back to X.
     Rank 0 looks and every rank loads its choice: ranks listing a network file system
     can see different newest files."""
     if args.resume and not newest:
-        return args.resume, load_checkpoint(args.resume)
+        if getattr(args, "eval", False):  # evaluate exactly the file named
+            return args.resume, load_checkpoint(args.resume)
+        path, state = newest_of_this_run(args) if is_main_process() else (None, None)
+        path = broadcast_object(path)
+        if path is None:
+            return args.resume, load_checkpoint(args.resume)
+        print(f"--resume {args.resume} started this run; continuing from its newest checkpoint {path}")
+        return path, state if state is not None else load_checkpoint(path)
     if not (args.auto_resume or newest):
         if broadcast_object(bool(list_checkpoints(args.output_dir))):
             raise UserError(f"{args.output_dir} already holds checkpoints; pass --auto_resume or "
@@ -174,6 +183,16 @@ def newest_readable(output_dir):
         except UserError as e:
             print(f"warning: skipping unreadable checkpoint: {e}")
     return None, None
+
+
+def newest_of_this_run(args):
+    """(path, state) of output_dir's newest readable checkpoint when a run started with
+    this --resume wrote it (its saved args name the same file), else (None, None)."""
+    path, state = newest_readable(args.output_dir)
+    started = (state or {}).get("args", {}).get("resume") or ""
+    if path is None or not started or os.path.realpath(started) != os.path.realpath(args.resume):
+        return None, None
+    return path, state
 
 
 def load_model_state(model, state_dict, source, model_name=None, ckpt_model=None):
