@@ -160,3 +160,15 @@ def test_dist_timeout_must_be_positive(tmp_path):
                            "--output_dir", str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert_one_line_error(proc, "--dist_timeout must be a positive number of minutes, got 0")
+
+
+@pytest.mark.parametrize("addr", ["localhost", "127.0.0.1"])
+def test_srun_on_several_nodes_refuses_a_loopback_master(addr, tmp_path):
+    """sbatch exports the submitting shell's MASTER_ADDR: a loopback one on 2 nodes would leave
+    node 1 waiting on its own host until --dist_timeout; it is one line at once instead."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "main_pretrain.py"), *TINY,
+                           "--output_dir", str(tmp_path / "o")], cwd=REPO,
+                          env=srun_task_env(1, SLURM_NNODES="2", SLURM_STEP_NUM_NODES="2", MASTER_ADDR=addr,
+                                            MASTER_PORT=str(free_port()), SLURM_STEP_NODELIST="node[1-2]"),
+                          capture_output=True, text=True, timeout=60)
+    assert_one_line_error(proc, f"srun runs on 2 nodes but MASTER_ADDR={addr} is this host's loopback")

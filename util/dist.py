@@ -73,6 +73,16 @@ def _slurm_rendezvous(env):
         env["MASTER_ADDR"] = first_host(nodelist)
     if "MASTER_PORT" not in env:
         env["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", 0)) % 10000)  # as submit_slurm.py
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    if nodes > 1 and is_loopback(env["MASTER_ADDR"]):  # the other nodes would wait on their own loopback
+        raise UserError(f"srun runs on {nodes} nodes but MASTER_ADDR={env['MASTER_ADDR']} is this host's "
+                        "loopback (exported by the submitting shell?): unset it, or set it to the first "
+                        "node's name")
+
+
+def is_loopback(addr):
+    """localhost, 127.x, ::1 or 0.0.0.0 (by name or address, without a DNS lookup)."""
+    return addr in ("localhost", "::1", "0.0.0.0", "") or addr.startswith("127.") or addr.endswith(".localhost")
 
 
 def init_distributed_mode(args):
