@@ -27,7 +27,7 @@ from util.amp import grad_scaler
 from util.cli import add_bool, check_common_args, seed_everything
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, build_train_set,
                            check_nb_classes, eval_loader, eval_transform, num_classes_of, on_device, train_loader)
-from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
+from util.dist import broadcast_object, cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError
 from util.metric_logger import append_log, tensorboard_writer
 from util.survival import run_with_retries
@@ -138,14 +138,26 @@ def build_model(args, drop_path_rate=0.0):
 
 def _previous_best(args):
     """Best val top-1 already kept in output_dir (a resumed or restarted run must not
-    replace a better checkpoint-best.pth); refuses to touch it without --auto_resume."""
+    replace a better checkpoint-best.pth); refuses to touch it without --auto_resume.
+    Rank 0 reads it and every rank takes its answer: whether a save (and its barrier)
+    runs must not depend on how each rank sees a shared file system."""
+    best, problem = broadcast_object(_read_previous_best(args) if get_rank() == 0 else None)
+    if problem:
+        raise UserError(problem)
+    return best
+
+
+def _read_previous_best(args):
+    """(best top-1 or -1, None) or (None, the one-line problem)."""
     path = os.path.join(args.output_dir, BEST)
     if not os.path.isfile(path):
-        return -1.0
+        return -1.0, None
     if not (args.auto_resume or args.resume):
-        raise UserError(f"{path} exists; pass --auto_resume or choose another --output_dir "
-                        "(nothing was overwritten)")
-    return float(ckpt.load_checkpoint(path).get("acc1", -1.0))
+        return None, f"{path} exists; pass --auto_resume or choose another --output_dir (nothing was overwritten)"
+    try:
+        return float(ckpt.load_checkpoint(path).get("acc1", -1.0)), None
+    except UserError as e:
+        return None, str(e)
 
 
 def _report(prefix, stats):

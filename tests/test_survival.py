@@ -245,11 +245,13 @@ def test_rank0_chooses_the_checkpoint_every_rank_resumes_from(tmp_path):
         (tmp_path / f"rank{rank}").mkdir()
         for e in epochs:
             torch.save({"epoch": e}, tmp_path / f"rank{rank}" / f"checkpoint-{e}.pth")
+    torch.save({"acc1": 90.0}, tmp_path / "rank1" / "checkpoint-best.pth")  # rank 0 sees none yet
     out = tmp_path / "chosen.json"
     proc = run_script("tests/resume_choice_worker.py", tmp_path, out, torchrun=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = str(tmp_path / "rank0" / "checkpoint-0.pth")
-    assert json.loads(out.read_text()) == [[want, 0, want], [want, 0, want]]
+    # every rank takes rank 0's view, so all of them run (or skip) the same best-checkpoint save
+    assert json.loads(out.read_text()) == [[want, 0, want, -1.0], [want, 0, want, -1.0]]
 
 
 def test_checkpoints_load_memory_mapped_and_round_trip(tmp_path, monkeypatch):
