@@ -23,8 +23,8 @@ import models_vit
 from engine_finetune import evaluate, train_one_epoch
 from util import checkpoint as ckpt
 from util import preempt
-from util.amp import grad_scaler
-from util.cli import add_bool, check_common_args, seed_everything
+from util.amp import grad_scaler, set_tf32
+from util.cli import add_bool, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, build_train_set,
                            check_nb_classes, eval_loader, eval_transform, num_classes_of, on_device, train_loader)
 from util.dist import broadcast_object, cleanup, get_rank, get_world_size, init_distributed_mode
@@ -87,10 +87,11 @@ def prepare(args, notes):
     device = init_distributed_mode(args)
     for note in notes:
         print(f"note: {note}")
+    print(resolve_num_workers(args))
     seed_everything(args.seed + get_rank())
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32(args.tf32)
+        print(f"tf32 for float32 matmuls: {'on' if args.tf32 else 'off'} (--tf32)")
         torch.backends.cudnn.benchmark = True  # the training batches have one shape (drop_last)
     return device
 

@@ -9,6 +9,7 @@ batch W*B. They also run in a single process without a process group.
 import torch
 import torch.nn.functional as F
 
+from util.amp import full_fp32_matmul
 from util.dist import gather_with_grad
 
 
@@ -26,7 +27,7 @@ def uniformity_loss(features):
     """
     z = _global_normalized(features)
     m, d = z.shape
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with torch.autocast(device_type=z.device.type, enabled=False), full_fp32_matmul():
         gram = z.T @ z if d < m else z @ z.T
         return gram.pow(2).sum() / (m * m)
 
@@ -41,7 +42,7 @@ def uniformity_loss_TCR(features, uniformity_mu=1.0, centering=False):
     """
     z = _global_normalized(features)
     m, d = z.shape
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    with torch.autocast(device_type=z.device.type, enabled=False), full_fp32_matmul():
         if centering:
             z = z - z.mean(dim=0, keepdim=True)
         gram = z.T @ z if d <= m else z @ z.T

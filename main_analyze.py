@@ -19,7 +19,7 @@ import torch
 
 import models_mae
 from util.checkpoint import load_checkpoint
-from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
+from util.cli import Parser, add_bool, add_common_args, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import build_dataset, check_nb_classes, eval_loader, eval_transform
 from monitors.diagnostics import FeatureStats, diag_subset, feature_stats, spectrum_plot, summary_line
 from monitors.fast_linear import LABEL, fast_linear_eval
@@ -179,6 +179,7 @@ def main(args):
     device = init_distributed_mode(args)
     for note in notes:
         print(f"note: {note}")
+    print(resolve_num_workers(args))
     seed_everything(args.seed)
 
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size))

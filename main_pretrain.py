@@ -19,8 +19,8 @@ from monitors.diagnostics import log_diagnostics
 from monitors.online import evaluate_online
 from util import checkpoint as ckpt
 from util import preempt
-from util.amp import grad_scaler
-from util.cli import Parser, add_bool, add_common_args, check_common_args, seed_everything
+from util.amp import grad_scaler, set_tf32
+from util.cli import Parser, add_bool, add_common_args, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import (build_dataset, build_train_set, check_nb_classes, eval_loader, eval_transform,
                            on_device, pretrain_transform, train_loader)
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
@@ -196,10 +196,11 @@ def main(args):
     device = init_distributed_mode(args)
     for note in notes:
         print(f"note: {note}")
+    print(resolve_num_workers(args))
     seed_everything(args.seed + get_rank())
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32(args.tf32)
+        print(f"tf32 for float32 matmuls: {'on' if args.tf32 else 'off'} (--tf32)")
         torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tune the patch-embed conv once
 
     loader = build_train_loader(args, device)

@@ -58,7 +58,7 @@ from timm.optim import param_groups_weight_decay  # noqa: E402
 
 import models_mae  # noqa: E402
 from engine_pretrain import compute_losses, train_one_epoch  # noqa: E402
-from util.amp import grad_scaler  # noqa: E402
+from util.amp import grad_scaler, set_tf32  # noqa: E402
 from util.checkpoint import CheckpointSaver, RunState  # noqa: E402
 from cpu_speed import (keep_freed_memory, onednn_available, set_fused_attn, tune_for_cpu,  # noqa: E402
                             use_onednn_linear)
@@ -343,9 +343,8 @@ def run(cli):
     device = torch.device(cli.device)
     if cli.threads:
         torch.set_num_threads(cli.threads)
-    if device.type == "cuda":  # as main_pretrain
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # as main_pretrain (--tf32 default off)
+        set_tf32(cli.tf32)
     torch.manual_seed(cli.seed)
     samples = torch.randn(cli.batch_size, 3, cli.input_size, cli.input_size, device=device)
     targets = torch.randint(0, cli.nb_classes, (cli.batch_size,), device=device)
@@ -440,6 +439,7 @@ def get_args_parser():
     p.add_argument("--repeats", default=5, type=int, help="timed rounds (paths alternate)")
     p.add_argument("--peak_tflops", default=None, type=float, help="peak for MFU (default: measured matmul)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (as main_pretrain --compile)")
+    p.add_argument("--tf32", action="store_true", help="TF32 float32 matmuls on CUDA (as main_pretrain --tf32)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--compile_mode", default=None)
     p.add_argument("--cpu_tune", action="store_true",

@@ -387,3 +387,20 @@ def test_mask_noise_follows_the_sample_and_keeps_maes_masking():
     assert torch.all(mask.sum(1) == 12)
     assert (mask.mean(0) - 0.75).abs().max() < 0.03  # 4000 samples: 3 standard deviations ~0.02
     assert (mask[0::2] == mask[1::2]).all(1).float().mean() < 0.01
+
+
+def test_num_workers_default_is_the_cores_per_local_process(monkeypatch):
+    """16 cores, 1 GPU: 15 workers (min(8, cores) left half idle); 96 cores, 8 GPUs: 11 each
+    (8 took 64 of 96); an srun task's affinity is its own share; explicit wins."""
+    from types import SimpleNamespace
+
+    from util.cli import resolve_num_workers
+    for cores, env, want in ((16, {}, 15), (96, {"LOCAL_WORLD_SIZE": "8"}, 11), (2, {}, 1), (1, {}, 1),
+                             (64, {"LOCAL_WORLD_SIZE": "1"}, 16), (10, {"SLURM_NTASKS": "8"}, 9)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        args = SimpleNamespace(num_workers=None)
+        line = resolve_num_workers(args, env)
+        assert args.num_workers == want, (cores, env)
+        assert line.startswith(f"loader workers: {want} per process ({cores} usable cores / "), line
+    args = SimpleNamespace(num_workers=3)
+    assert resolve_num_workers(args, {}) == "loader workers: 3 per process (--num_workers)" and args.num_workers == 3

@@ -89,3 +89,45 @@ def test_tcr_uses_no_error_checking_cholesky(monkeypatch):
     monkeypatch.setattr(torch.linalg, "cholesky", syncing)
     x = torch.randn(16, 8, dtype=torch.float64)
     assert uniformity_loss_TCR(x, 2.0, True).item() == pytest.approx(ref_tcr(x.numpy(), 2.0, True), rel=1e-9)
+
+
+# ---- TF32: a stated choice, and never inside the regulariser or the GPU resize ------------------
+class MatmulTF32Seen(torch.overrides.TorchFunctionMode):
+    """Records torch.backends.cuda.matmul.allow_tf32 at every matmul (what cuBLAS would use)."""
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm", "bmm"):
+            self.seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return func(*args, **(kwargs or {}))
+
+
+def test_tf32_flag_and_full_fp32_regions():
+    from util.amp import full_fp32_matmul, set_tf32
+    from util.cli import add_common_args, Parser
+    from util.gpu_aug import crop_resize_flip
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        feats = torch.randn(12, 8)
+        imgs = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8)
+        params = torch.tensor([[0, 0, 20, 24, 0], [2, 3, 10, 12, 1]])
+        with MatmulTF32Seen() as mode:
+            uniformity_loss(feats), uniformity_loss_TCR(feats), uniformity_loss_TCR(feats, centering=True)
+            crop_resize_flip(imgs, params, 16)
+        assert mode.seen and not any(mode.seen)  # every matmul of them in full float32
+        assert torch.backends.cuda.matmul.allow_tf32  # and the run's choice restored after
+        with pytest.raises(RuntimeError):
+            with full_fp32_matmul():
+                raise RuntimeError
+        assert torch.backends.cuda.matmul.allow_tf32
+        set_tf32(False)
+        assert not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    parser = Parser()
+    add_common_args(parser)
+    assert parser.parse_args([]).tf32 is False and parser.parse_args(["--tf32"]).tf32 is True

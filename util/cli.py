@@ -35,6 +35,8 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     g.add_argument("--input_size", default=input_size, type=int, help="image size")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="autocast dtype; auto = bf16 on CUDA, none on CPU")
+    add_bool(g, "--tf32", False, "TF32 for the float32 matmuls and convolutions on CUDA (faster, 10-bit "
+             "mantissa; the regulariser and the GPU resize stay full float32); default off, as PyTorch and MAE")
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--weight_decay", type=float, default=0.05)
@@ -53,7 +55,9 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     g.add_argument("--synthetic_size", default=4096, type=int, help="train images of the synthetic set")
     g.add_argument("--nb_classes", default=None, type=int,
                    help="number of classes (default: from the dataset; checked against it)")
-    g.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int)
+    g.add_argument("--num_workers", default=None, type=int,
+                   help="loader processes per training process (default: the usable cores per local "
+                   "process, less one, at most 16; printed at start)")
     add_bool(g, "--fast_decode", True, "training images from files: libjpeg-turbo decode with the crop "
              "box drawn first, one vectorised resize, uint8 batches normalised on the device "
              "(util/jpeg.py); false = the plain PIL path")
@@ -105,7 +109,7 @@ def check_common_args(args):
                         f"got {args.save_every_steps}")
     if args.keep_last < 1 or args.nan_retries < 0:
         raise UserError("--keep_last must be >= 1 and --nan_retries >= 0")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise UserError("--num_workers must be >= 0")
     check_output_dir(args.output_dir)
     if args.data_path is not None and not os.path.isdir(args.data_path):
@@ -137,6 +141,20 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def resolve_num_workers(args, env=os.environ):
+    """Fill in the --num_workers default: the usable cores (this process's CPU affinity)
+    per process on this node (torchrun's LOCAL_WORLD_SIZE; an srun task's affinity is
+    already its own share), less one for the process itself, at most 16. Returns the
+    line to print at start."""
+    if args.num_workers is not None:
+        return f"loader workers: {args.num_workers} per process (--num_workers)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))
+    args.num_workers = max(1, min(16, cores // local - 1))
+    return (f"loader workers: {args.num_workers} per process ({cores} usable cores / {local} processes on this "
+            "node, less 1 for the process, at most 16; --num_workers sets it)")
 
 
 class Parser(argparse.ArgumentParser):

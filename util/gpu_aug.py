@@ -29,6 +29,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from util.amp import full_fp32_matmul
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError
 from util.shards import read_bytes
@@ -111,7 +112,8 @@ def crop_resize_flip(images, params, size):
     top, left, h, w, flip = params.unbind(1)
     wy = resize_weights(top, h, size, height)  # (n, S, H)
     wx = resize_weights(left, w, size, width, flip.bool())  # (n, S, W)
-    out = wy[:, None] @ images.float() @ wx[:, None].transpose(-1, -2)
+    with full_fp32_matmul():  # TF32 would move pixels by up to 2 levels
+        out = wy[:, None] @ images.float() @ wx[:, None].transpose(-1, -2)
     return out.round_().clamp_(0, 255)
 
 
