@@ -46,7 +46,10 @@ for p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
-import simplejpeg  # noqa: E402
+try:  # optional (not on the GPU machine): without it, ours falls back as util/jpeg.py does
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
 import torch  # noqa: E402
 import torch.nn.functional as Fn  # noqa: E402
 import torchvision  # noqa: E402
@@ -132,7 +135,7 @@ def pipelines(size, device):
         "pil_draft": pil_draft,
         "pil_torch": pil_torch,
         "tv": tv,
-        "decode_turbo": decode_turbo,
+        **({"decode_turbo": decode_turbo} if simplejpeg else {}),
         "decode_tv": lambda p: decode_jpeg(torchvision.io.read_file(p), mode=ImageReadMode.RGB).shape,
         "worker": lambda p: plan(read_encoded(p))[1],
     }
@@ -290,10 +293,10 @@ def report(cli, rates, loader_rates):
         print(f"{n:12s} {unit} {median(rates, n):8.1f}  x pil {ratio(rates, n, 'pil'):5.2f}  "
               f"[{median(rates, n, 'wall'):6.1f}  x pil {ratio(rates, n, 'pil', 'wall'):5.2f}]  "
               f"(rounds: {rounds_text(rates, n, 'cpu')})")
+    turbo = (f", {ratio(rates, 'ours', 'decode_turbo'):.2f} [{ratio(rates, 'ours', 'decode_turbo', 'wall'):.2f}] "
+             "of simplejpeg's") if "decode_turbo" in rates else " (simplejpeg not installed)"
     print(f"ours / decode-only ceiling: {ratio(rates, 'ours', 'decode'):.2f} "
-          f"[{ratio(rates, 'ours', 'decode', 'wall'):.2f}] of PIL's decode, "
-          f"{ratio(rates, 'ours', 'decode_turbo'):.2f} [{ratio(rates, 'ours', 'decode_turbo', 'wall'):.2f}] "
-          f"of simplejpeg's")
+          f"[{ratio(rates, 'ours', 'decode', 'wall'):.2f}] of PIL's decode{turbo}")
     for (n, k) in loader_rates:
         line = (f"DataLoader {k} worker(s) {n:5s} images/s per core {median(loader_rates, (n, k)):8.1f}  "
                 f"[{median(loader_rates, (n, k), 'wall'):6.1f}]  (rounds: {rounds_text(loader_rates, (n, k), 'cpu')})")
@@ -363,7 +366,7 @@ def main(argv=None):
             paths = image_files(cli.data_path)
         paths = paths[:cli.num_images or None]
         print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__}, "
-              f"simplejpeg {simplejpeg.__version__}; {torch.backends.cpu.get_cpu_capability()}; "
+              f"simplejpeg {simplejpeg.__version__ if simplejpeg else 'not installed'}; {torch.backends.cpu.get_cpu_capability()}; "
               f"{os.cpu_count()} CPUs; {datetime.datetime.now().isoformat(timespec='seconds')}; {load()}")
         print(describe(paths, cli.input_size))
         print("not measured: pillow-simd (no wheel on PyPI, replaces Pillow); PyTurboJPEG (needs the "

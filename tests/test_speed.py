@@ -100,9 +100,16 @@ def test_smoke_exits_1_when_the_losses_differ(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_data_speed_smoke():
-    proc = run_script("benchmarks/data_speed.py", "--smoke", timeout=300)
+@pytest.mark.parametrize("simplejpeg", [True, False])
+def test_data_speed_smoke(simplejpeg, tmp_path):
+    """Also on a machine without simplejpeg (the GPU machine has none): it runs, saying so."""
+    env = None
+    if not simplejpeg:
+        (tmp_path / "simplejpeg.py").write_text("raise ImportError('hidden by the test')\n")
+        env = {"PYTHONPATH": str(tmp_path)}
+    proc = run_script("benchmarks/data_speed.py", "--smoke", timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert ("simplejpeg not installed" in proc.stdout) == (not simplejpeg)
     for name in ("pil", "worker", "tensor"):
         assert re.search(rf"^{name}\s+images/s per core\s+[\d.]+", proc.stdout, re.M), proc.stdout
     assert len([line for line in proc.stdout.splitlines() if "ESTIMATE" in line and "cores/GPU" in line]) == 2
