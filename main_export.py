@@ -28,6 +28,7 @@ import models_mae
 import models_vit
 from util.checkpoint import atomic_save, load_checkpoint
 from util.cli import Parser, add_bool
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 from util.errors import UserError, exit_on_user_error
 from util import interop
 
@@ -140,7 +141,16 @@ def timm_call(shape, entry, kind, global_pool):
     kw["global_pool"] = "avg" if global_pool else "token"
     if global_pool and kind == "pretrain":
         kw["fc_norm"] = False  # pretraining keeps the final norm on every token, then pools
+    kw["pretrained_cfg_overlay"] = data_config(img, kw["num_classes"])
     return name, kw
+
+
+def data_config(img, num_classes):
+    """timm's preprocessing fields for our training and evaluation: without them the 224 px
+    registry name's own config (augreg: mean = std = 0.5, 224 px) is what
+    timm.data.resolve_model_data_config reports, and a user following it preprocesses wrongly."""
+    return dict(input_size=(3, img, img), mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
+                crop_pct=img / eval_resize(img), crop_mode="center", num_classes=num_classes)
 
 
 def export_timm(path, out):
@@ -154,12 +164,15 @@ def export_timm(path, out):
         model.load_state_dict(enc, strict=True)
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit timm's {name}({kw}): {' '.join(str(e).split())[:200]}")
-    meta = {"timm_model": name, "timm_kwargs": json.dumps(kw), "source": os.path.abspath(path)}
+    data = kw["pretrained_cfg_overlay"]
+    meta = {"timm_model": name, "timm_kwargs": json.dumps(kw), "source": os.path.basename(path),
+            **{k: json.dumps(data[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}}
     _write(out, lambda tmp: save_file(enc, tmp, metadata=meta))
     args_text = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-    print(f"wrote the encoder ({len(enc)} tensors) to {out}; load it with\n"
+    print(f"wrote the encoder ({len(enc)} tensors) to {out}; load it (strictly) with\n"
           f"  m = timm.create_model({name!r}, {args_text})\n"
-          f"  m.load_state_dict(safetensors.torch.load_file({out!r}))")
+          f"  m.load_state_dict(safetensors.torch.load_file({out!r}))\n"
+          f"  # timm.data.resolve_model_data_config(m): {data['input_size'][1]} px, ImageNet mean/std, bicubic")
     return name, kw
 
 
@@ -199,6 +212,7 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
     def write(tmp):
         os.makedirs(tmp)
         config.save_pretrained(tmp)
+        image_processor(config.image_size).save_pretrained(tmp)  # for AutoImageProcessor, as Hub folders
         save_file(hf_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _, info = cls.from_pretrained(tmp, output_loading_info=True)  # the strict load on HF's side
         bad = {k: sorted(v)[:3] for k, v in info.items() if k != "error_msgs" and v}
@@ -212,6 +226,15 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
           f"  transformers.{cls.__name__}.from_pretrained({out!r})"
           + ("   # or ViTMAEModel / ViTModel for the encoder" if decoder else "   # or ViTModel"))
     return config
+
+
+def image_processor(img):
+    """HF's ViT preprocessing with our training mean/std: the whole image resized (bicubic) to
+    img x img, scaled to [0, 1] and normalised (HF ViT's convention: no centre crop)."""
+    from transformers import ViTImageProcessor
+    return ViTImageProcessor(do_resize=True, size={"height": img, "width": img}, resample=3,  # PIL bicubic
+                             do_rescale=True, do_normalize=True, image_mean=list(IMAGENET_MEAN),
+                             image_std=list(IMAGENET_STD))
 
 
 def _write(out, write):

@@ -3,6 +3,7 @@ and back in, checked by outputs (same input, same mask noise), not by keys; the
 weights-only checkpoints main_pretrain --resume takes; the reconstruction picture.
 Every model is built here, tiny: nothing is downloaded."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import main_export
 import models_mae
 import models_vit
 from conftest import REPO, TINY, assert_one_line_error, run_script
+from util.datasets import eval_resize
 from util.interop import hf_table
 
 transformers = pytest.importorskip("transformers")
@@ -90,6 +92,42 @@ def test_interop_timm_round_trip(tmp_path, global_pool):
         torch.testing.assert_close(vit.eval().forward_features(x), latent, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("img,patch", [(32, 4), (224, 16)])
+def test_interop_timm_printed_call_gives_the_training_preprocessing(tmp_path, capsys, img, patch):
+    """The printed create_model call, run exactly as printed: timm's own data config is the
+    training mean/std/size (not the 224 px registry name's augreg mean 0.5), the features are
+    ours, and the load is strict (a wrong depth fails). The metadata has no local path."""
+    import safetensors
+    model = perturbed(models_mae.mae_vit_tiny_patch16(img_size=img, patch_size=patch, depth=1, decoder_embed_dim=32,
+                                                      decoder_depth=1, nb_classes=10))
+    ckpt = save_ours(tmp_path, model, input_size=img, patch_size=patch, depth=1)
+    out = str(tmp_path / "enc.safetensors")
+    capsys.readouterr()
+    main_export.export_timm(ckpt, out)
+    printed = capsys.readouterr().out.splitlines()
+    code = "\n".join(line.strip() for line in printed[1:3])
+    scope = {"timm": timm, "safetensors": safetensors}
+    exec("import safetensors.torch\n" + code, scope)
+    tm = scope["m"].eval()
+    cfg = timm.data.resolve_model_data_config(tm)
+    assert cfg["input_size"] == (3, img, img) and cfg["interpolation"] == "bicubic"
+    assert tuple(cfg["mean"]) == (0.485, 0.456, 0.406) and tuple(cfg["std"]) == (0.229, 0.224, 0.225)
+    assert math.floor(img / cfg["crop_pct"]) == eval_resize(img)  # timm's resize before the centre crop = ours
+    resize = [t for t in timm.data.create_transform(**cfg).transforms if type(t).__name__ == "Resize"]
+    assert resize and resize[0].size == eval_resize(img)
+    x = images(2, img)
+    with torch.no_grad():
+        torch.testing.assert_close(tm.forward_features(x), unmasked_latent(model, x), atol=ATOL, rtol=0)
+    wrong = code.replace("depth=1", "depth=2")
+    assert wrong != code
+    with pytest.raises(RuntimeError, match="Missing key"):
+        exec("import safetensors.torch\n" + wrong, dict(scope))
+    with safetensors.safe_open(out, "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406] and json.loads(meta["input_size"]) == [3, img, img]
+    assert meta["source"] == "ckpt.pth" and str(tmp_path) not in json.dumps(meta)
+
+
 def test_interop_timm_fine_tuned_global_pool(tmp_path):
     vit = perturbed(models_vit.vit_tiny_patch16(img_size=32, patch_size=4, depth=2, num_classes=7, global_pool=True))
     path = tmp_path / "ft.pth"
@@ -151,6 +189,30 @@ def test_interop_hf_encoder_parity(tmp_path):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     with torch.no_grad():
         torch.testing.assert_close(vit.eval()(pixel_values=x).last_hidden_state, clf.forward_features(x),
+                                   atol=ATOL, rtol=0)
+
+
+def test_interop_hf_folder_has_the_training_preprocessing(tmp_path):
+    """AutoImageProcessor loads the exported folder (Hub ViTMAE folders ship a
+    preprocessor_config.json) with our mean/std and size, and its pixel_values through
+    ViTModel give our features."""
+    from PIL import Image
+    from torchvision import transforms
+    model = tiny_mae()
+    folder = str(tmp_path / "hf")
+    main_export.export_hf(save_ours(tmp_path, model), folder)
+    proc = transformers.AutoImageProcessor.from_pretrained(folder)
+    assert list(proc.image_mean) == [0.485, 0.456, 0.406] and list(proc.image_std) == [0.229, 0.224, 0.225]
+    assert proc.size == {"height": 32, "width": 32}
+    g = torch.Generator().manual_seed(5)
+    img = Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy())
+    ours = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406),
+                                                                           (0.229, 0.224, 0.225))])(img)[None]
+    pixels = proc(images=img, return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixels, ours, atol=1e-5, rtol=0)
+    vit = transformers.ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(vit(pixel_values=pixels).last_hidden_state, unmasked_latent(model, ours),
                                    atol=ATOL, rtol=0)
 
 
