@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 import models_mae
 import models_vit
 from util.checkpoint import atomic_save, load_checkpoint
+from main_linprobe import PROBE_BN_EPS
 from util.cli import Parser, add_bool
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 from util.errors import UserError, exit_on_user_error
@@ -84,6 +85,7 @@ def read_ours(path):
         raise UserError(f"checkpoint {path} has no 'model' entry with a state dict: not a pretraining or "
                         "fine-tuning checkpoint")
     args = state.get("args") if isinstance(state.get("args"), dict) else {}
+    sd = fold_probe_head(sd)
     try:
         shape = interop.describe(sd)
     except UserError as e:
@@ -95,6 +97,19 @@ def read_ours(path):
                         "no model of this codebase has that shape")
     _load_into_ours(sd, kind, shape, entry, path)
     return sd, args, kind, shape, entry
+
+
+def fold_probe_head(sd):
+    """A linear probe's head (main_linprobe: head.0 BatchNorm1d without affine, head.1 Linear)
+    as the one Linear it computes at evaluation: W / sqrt(var + eps) and b - W' mean."""
+    if "head.0.running_var" not in sd or "head.1.weight" not in sd:
+        return sd
+    scale = (sd["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()
+    weight = sd["head.1.weight"].double() * scale
+    bias = sd["head.1.bias"].double() - weight @ sd["head.0.running_mean"].double()
+    out = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    out["head.weight"], out["head.bias"] = weight.to(sd["head.1.weight"].dtype), bias.to(sd["head.1.bias"].dtype)
+    return out
 
 
 def _load_into_ours(sd, kind, shape, entry, path):
@@ -128,12 +143,18 @@ def encoder_only(sd):
     return {k: v for k, v in sd.items() if not k.startswith(interop.PRETRAIN_ONLY + ("head.",))}
 
 
+def timm_weights(sd, kind):
+    """The encoder, and a classifier's head (timm's names are ours)."""
+    head = {k: v for k, v in sd.items() if kind == "classifier" and k.startswith("head.")}
+    return {**encoder_only(sd), **head}
+
+
 # ---- export ------------------------------------------------------------------------------
-def timm_call(shape, entry, kind, global_pool):
+def timm_call(shape, entry, kind, global_pool, num_classes=0):
     """(timm model name, create_model keywords) for the encoder: the registry name of its
     size at 224 px, with img_size/patch_size/depth where they differ."""
     name = f"vit_{entry['size']}_patch{entry['patch_size']}_224"
-    kw = dict(num_classes=0)
+    kw = dict(num_classes=num_classes)
     img = shape["grid"] * shape["patch_size"]
     if img != 224:
         kw["img_size"] = img
@@ -157,8 +178,9 @@ def export_timm(path, out):
     import timm
     sd, args, kind, shape, entry = read_ours(path)
     global_pool = "fc_norm.weight" in sd if kind == "classifier" else bool(args.get("global_pool"))
-    name, kw = timm_call(shape, entry, kind, global_pool)
-    enc = encoder_only(sd)
+    n_cls = sd["head.weight"].shape[0] if kind == "classifier" else 0
+    name, kw = timm_call(shape, entry, kind, global_pool, n_cls)
+    enc = timm_weights(sd, kind)
     model = timm.create_model(name, pretrained=False, **kw)
     try:
         model.load_state_dict(enc, strict=True)
@@ -169,7 +191,8 @@ def export_timm(path, out):
             **{k: json.dumps(data[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}}
     _write(out, lambda tmp: save_file(enc, tmp, metadata=meta))
     args_text = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-    print(f"wrote the encoder ({len(enc)} tensors) to {out}; load it (strictly) with\n"
+    what = f"the classifier ({n_cls} classes, " if n_cls else "the encoder ("
+    print(f"wrote {what}{len(enc)} tensors) to {out}; load it (strictly) with\n"
           f"  m = timm.create_model({name!r}, {args_text})\n"
           f"  m.load_state_dict(safetensors.torch.load_file({out!r}))\n"
           f"  # timm.data.resolve_model_data_config(m): {data['input_size'][1]} px, ImageNet mean/std, bicubic")
@@ -204,10 +227,16 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
     decoder = shape["decoder_depth"] > 0
     norm_pix_loss = bool(args.get("norm_pix_loss", False)) if norm_pix_loss is None else norm_pix_loss
     mask_ratio = float(args.get("mask_ratio", 0.75)) if mask_ratio is None else mask_ratio
-    config = hf_config(shape, entry, decoder, norm_pix_loss, mask_ratio)
-    table = interop.hf_table(shape["depth"], shape["decoder_depth"], prefix="vit." if decoder else "")
+    if kind == "classifier":  # the cls token's final norm -> head, as models_vit without --global_pool
+        config = hf_classifier_config(shape, entry, num_labels=sd["head.weight"].shape[0])
+        table = {**interop.hf_table(shape["depth"], 0, prefix="vit."),
+                 "head.weight": "classifier.weight", "head.bias": "classifier.bias"}
+        cls = transformers.ViTForImageClassification
+    else:
+        config = hf_config(shape, entry, decoder, norm_pix_loss, mask_ratio)
+        table = interop.hf_table(shape["depth"], shape["decoder_depth"], prefix="vit." if decoder else "")
+        cls = transformers.ViTMAEForPreTraining if decoder else transformers.ViTMAEModel
     hf_sd = interop.to_hf({k: v for k, v in sd.items() if k in table}, table)
-    cls = transformers.ViTMAEForPreTraining if decoder else transformers.ViTMAEModel
 
     def write(tmp):
         os.makedirs(tmp)
@@ -221,11 +250,23 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
                             f"into {cls.__name__} exactly: {bad}")
     _write(out, write)
     dropped = sorted({k.split(".")[0] for k in sd if k not in table})
-    print(f"wrote {cls.__name__} (norm_pix_loss {norm_pix_loss}, mask_ratio {mask_ratio}) to {out}"
+    what = (f"{config.num_labels} classes" if kind == "classifier"
+            else f"norm_pix_loss {norm_pix_loss}, mask_ratio {mask_ratio}")
+    print(f"wrote {cls.__name__} ({what}) to {out}"
           + (f"; left out: {', '.join(dropped)}" if dropped else "") + "; load it with\n"
           f"  transformers.{cls.__name__}.from_pretrained({out!r})"
-          + ("   # or ViTMAEModel / ViTModel for the encoder" if decoder else "   # or ViTModel"))
+          + ("   # or ViTMAEModel / ViTModel for the encoder" if decoder else
+             "" if kind == "classifier" else "   # or ViTModel"))
     return config
+
+
+def hf_classifier_config(shape, entry, num_labels):
+    from transformers import ViTConfig
+    return ViTConfig(
+        hidden_size=shape["embed_dim"], num_hidden_layers=shape["depth"], num_attention_heads=entry["num_heads"],
+        intermediate_size=shape["mlp_dim"], hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True,
+        image_size=shape["grid"] * shape["patch_size"], patch_size=shape["patch_size"], num_channels=3,
+        num_labels=num_labels, architectures=["ViTForImageClassification"])
 
 
 def image_processor(img):

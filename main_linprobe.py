@@ -31,12 +31,15 @@ def check_args(args):
     return check_eval_args(args)
 
 
+PROBE_BN_EPS = 1e-6  # MAE's; main_export folds the BatchNorm into the linear layer with it
+
+
 def add_probe_head(model):
     """MAE's head: BatchNorm without affine (features of any scale, as in MoCo v3)
     then the linear layer, initialised with std 0.01; everything else frozen."""
     trunc_normal_(model.head.weight, std=0.01)
     nn.init.zeros_(model.head.bias)
-    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=PROBE_BN_EPS), model.head)
     return model.freeze_encoder()
 
 

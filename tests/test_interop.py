@@ -178,18 +178,50 @@ def test_interop_hf_encoder_parity(tmp_path):
     torch.testing.assert_close(out.last_hidden_state, latent, atol=ATOL, rtol=0)
     torch.testing.assert_close(out.mask, mask, atol=0, rtol=0)
 
-    # a fine-tuned classifier (cls token) exports its encoder alone, for ViTModel
+    # a fine-tuned classifier (cls token): ViTForImageClassification, and ViTModel for its features
     clf = perturbed(models_vit.vit_tiny_patch16(img_size=32, patch_size=4, depth=2, num_classes=7,
                                                 global_pool=False))
     torch.save({"model": clf.state_dict(), "args": {"model": "vit_tiny_patch16"}}, tmp_path / "ft.pth")
-    main_export.export_hf(str(tmp_path / "ft.pth"), str(tmp_path / "hf_enc"))
-    assert json.load(open(tmp_path / "hf_enc" / "config.json"))["architectures"] == ["ViTMAEModel"]
-    vit, info = transformers.ViTModel.from_pretrained(str(tmp_path / "hf_enc"), add_pooling_layer=False,
+    main_export.export_hf(str(tmp_path / "ft.pth"), str(tmp_path / "hf_clf"))
+    cfg = json.load(open(tmp_path / "hf_clf" / "config.json"))
+    assert cfg["architectures"] == ["ViTForImageClassification"] and len(cfg["id2label"]) == 7
+    vit, info = transformers.ViTModel.from_pretrained(str(tmp_path / "hf_clf"), add_pooling_layer=False,
                                                       output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not any(info[k] for k in ("missing_keys", "mismatched_keys"))
     with torch.no_grad():
         torch.testing.assert_close(vit.eval()(pixel_values=x).last_hidden_state, clf.forward_features(x),
                                    atol=ATOL, rtol=0)
+
+
+def linear_probe(seed=4):
+    """main_linprobe's model: encoder + BatchNorm (no affine) + Linear, with running statistics
+    far from 0 / 1 so that an unfolded or wrongly folded BatchNorm shows in the logits."""
+    from main_linprobe import add_probe_head
+    vit = add_probe_head(models_vit.vit_tiny_patch16(img_size=32, patch_size=4, depth=2, num_classes=7,
+                                                     global_pool=False))
+    g = torch.Generator().manual_seed(seed)
+    bn = vit.head[0]
+    bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+    bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 3 + 0.1)
+    return perturbed(vit, seed)
+
+
+def test_interop_linear_probe_exports_as_a_classifier_with_its_logits(tmp_path, capsys):
+    probe = linear_probe()
+    path = tmp_path / "probe.pth"
+    torch.save({"model": probe.state_dict(), "args": {"model": "vit_tiny_patch16"}}, path)
+    x = images()
+    with torch.no_grad():
+        want = probe(x)
+    name, kw = main_export.export_timm(str(path), str(tmp_path / "probe.safetensors"))
+    assert kw["num_classes"] == 7 and "the classifier (7 classes" in capsys.readouterr().out
+    tm = timm.create_model(name, **kw).eval()
+    tm.load_state_dict(load_file(str(tmp_path / "probe.safetensors")))  # strict: the head included
+    main_export.export_hf(str(path), str(tmp_path / "hf_probe"))
+    hf = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "hf_probe")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tm(x), want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(hf(pixel_values=x).logits, want, atol=ATOL, rtol=0)
 
 
 def test_interop_hf_folder_has_the_training_preprocessing(tmp_path):
