@@ -84,6 +84,9 @@ def check_eval_args(args):
 
 def prepare(args, notes):
     """Start distributed, print the checks' `notes` once the main process is known, seed."""
+    # First: SIGUSR1/SIGTERM during a slow start (rendezvous, listing, loading) would kill the
+    # process by default; with the handlers the run saves at its first poll and exits 0.
+    preempt.install_handlers()
     device = init_distributed_mode(args)
     for note in notes:
         print(f"note: {note}")
@@ -224,7 +227,6 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
             if epoch + 1 < args.epochs and preempt.stop_requested(device):
                 raise preempt.Preempted(f"preempted after epoch {epoch}")
 
-    preempt.install_handlers()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0
     t0 = time.time()
     run_with_retries(args, run_state, train,
                      lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler, run_state))

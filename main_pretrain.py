@@ -193,6 +193,9 @@ def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run
 @exit_on_user_error
 def main(args):
     notes = check_args(args)
+    # First: SIGUSR1/SIGTERM during a slow start (rendezvous, listing, loading) would kill the
+    # process by default; with the handlers the run saves at its first poll and exits 0.
+    preempt.install_handlers()
     device = init_distributed_mode(args)
     for note in notes:
         print(f"note: {note}")
@@ -233,7 +236,6 @@ def main(args):
     vis_imgs = torch.stack([dataset_val[i][0] for i in pick_across_classes(dataset_val)]).to(device) \
         if args.vis_every else None
 
-    preempt.install_handlers()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, exit 0
     t0 = time.time()
     run_with_retries(
         args, run,
