@@ -1,0 +1,85 @@
+"""util/sources.py: unlabeled trees, file lists, the held-out split and image modes."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from util.errors import UserError
+from util.sources import (ListedImages, any_mode_loader, holdout_split, list_images, names_digest,
+                          read_file_list)
+
+
+def make_mixed_tree(root):
+    """A nested, classless tree of the formats and modes users have, plus a non-image."""
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c").mkdir()
+    Image.new("RGB", (20, 16), (10, 200, 30)).save(root / "a" / "x.JPG")
+    Image.new("L", (20, 16), 128).save(root / "a" / "b" / "grey.png")
+    Image.new("CMYK", (20, 16), (0, 255, 0, 0)).save(root / "c" / "cmyk.tiff")
+    Image.new("RGB", (20, 16), (0, 0, 255)).convert("P", palette=Image.ADAPTIVE).save(root / "c" / "pal.bmp")
+    Image.new("RGBA", (20, 16), (255, 0, 0, 0)).save(root / "c" / "clear.webp", lossless=True)
+    Image.fromarray(np.full((16, 20), 65535, np.uint16)).save(root / "deep16.png")
+    (root / "c" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_list_images_finds_every_image_sorted(tmp_path):
+    names = list_images(make_mixed_tree(tmp_path))
+    assert [p[len(str(tmp_path)) + 1:] for p in names] == sorted(
+        ["a/x.JPG", "a/b/grey.png", "c/cmyk.tiff", "c/pal.bmp", "c/clear.webp", "deep16.png"])
+
+
+def test_list_images_empty_tree_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no image files"):
+        list_images(tmp_path)
+
+
+def test_every_mode_loads_as_8bit_rgb(tmp_path):
+    make_mixed_tree(tmp_path)
+    for p in list_images(tmp_path):
+        img = any_mode_loader(p)
+        assert img.mode == "RGB" and img.size == (20, 16)
+    # 16-bit white stays white (convert('RGB') alone would clip it), alpha 0 shows the white background
+    assert any_mode_loader(tmp_path / "deep16.png").getpixel((0, 0)) == (255, 255, 255)
+    assert any_mode_loader(tmp_path / "c" / "clear.webp").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_16bit_mid_grey_scales_not_clips(tmp_path):
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / "g.png")
+    assert any_mode_loader(tmp_path / "g.png").getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_file_list_relative_absolute_and_labels(tmp_path):
+    make_mixed_tree(tmp_path / "imgs")
+    (tmp_path / "lists").mkdir()
+    absolute = tmp_path / "imgs" / "deep16.png"
+    (tmp_path / "lists" / "l.txt").write_text(f"../imgs/a/x.JPG 3\n\n{absolute} 0\n")
+    paths, labels = read_file_list(tmp_path / "lists" / "l.txt")
+    assert labels == [3, 0]
+    ds = ListedImages(paths, labels)
+    assert ds[0][1] == 3 and ds[0][0].size == (20, 16)
+    (tmp_path / "lists" / "u.txt").write_text("../imgs/a/x.JPG\n")
+    paths, labels = read_file_list(tmp_path / "lists" / "u.txt")
+    assert labels is None and ListedImages(paths)[0][1] == -1
+
+
+def test_file_list_mixed_labels_is_a_user_error(tmp_path):
+    (tmp_path / "l.txt").write_text("a.png 1\nb.png\n")
+    with pytest.raises(UserError, match="some lines have a label"):
+        read_file_list(tmp_path / "l.txt")
+
+
+def test_holdout_split_same_at_world_size_1_and_2():
+    names = [f"img{i:05d}.png" for i in range(1000)]
+    train, held = holdout_split(names, 0.01, seed=0)
+    assert len(held) == 10 and sorted(train + held) == list(range(1000))
+    # world size 2: rank 0 lists and broadcasts; each rank splits the same list the same way
+    for _rank in range(2):
+        assert holdout_split(list(names), 0.01, seed=0) == (train, held)
+    assert names_digest([names[i] for i in held]) == names_digest([names[i] for i in held])
+
+
+def test_holdout_split_bounds():
+    assert len(holdout_split(["a", "b", "c"], 0.01)[1]) == 1
+    assert len(holdout_split([str(i) for i in range(10**6)], 0.01)[1]) == 5000
+    with pytest.raises(UserError, match="at least 2"):
+        holdout_split(["a"], 0.01)
