@@ -83,3 +83,52 @@ def test_holdout_split_bounds():
     assert len(holdout_split([str(i) for i in range(10**6)], 0.01)[1]) == 5000
     with pytest.raises(UserError, match="at least 2"):
         holdout_split(["a"], 0.01)
+
+
+def data_args(data_path, labels="folders", holdout=0.2):
+    import argparse
+    return argparse.Namespace(dataset=None, data_path=str(data_path), labels=labels, holdout=holdout,
+                              class_subset=None)
+
+
+def test_classless_tree_without_labels_none_hints_the_flag(tmp_path):
+    from util.datasets import build_dataset
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a.png")
+    with pytest.raises(UserError, match="use --labels none"):
+        build_dataset(data_args(tmp_path), "train", None)
+
+
+def test_labels_none_tree_without_val_splits_held_out(tmp_path):
+    from util.datasets import build_dataset
+    for i in range(10):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    train = build_dataset(data_args(tmp_path, "none"), "train", None)
+    val = build_dataset(data_args(tmp_path, "none"), "val", None)
+    assert len(train) == 8 and len(val) == 2 and train.classes == []
+    names = {p for p, _ in train.samples} | {p for p, _ in val.samples}
+    assert len(names) == 10 and all(t == -1 for _, t in train.samples + val.samples)
+
+
+def test_file_list_data_path_keeps_labels(tmp_path):
+    from util.datasets import build_dataset
+    lines = []
+    for i in range(5):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png {i % 2}")
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    train = build_dataset(data_args(tmp_path / "list.txt"), "train", None)
+    assert len(train) == 4 and train.classes == [0, 1]
+    assert all(t == int(p[-5]) % 2 for p, t in train.samples)
+
+
+def test_imagefolder_root_is_unchanged(tmp_path):
+    from torchvision.datasets import ImageFolder
+    from util.datasets import build_dataset
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "x.jpg")
+    ours = build_dataset(data_args(tmp_path), "train", None)
+    ref = ImageFolder(str(tmp_path / "train"))
+    assert ours.samples == ref.samples and ours.classes == ref.classes

@@ -105,6 +105,8 @@ class ListedImages:
     def __init__(self, paths, labels=None, transform=None, loader=None):
         self.samples = [(p, -1 if labels is None else labels[i]) for i, p in enumerate(paths)]
         self.targets = [t for _, t in self.samples]
+        # labels 0..max as classes, like ImageFolder; none when unlabeled
+        self.classes = [] if labels is None else list(range(max(labels) + 1))
         self.transform, self.loader = transform, loader or any_mode_loader
 
     def __len__(self):
