@@ -132,3 +132,21 @@ def test_imagefolder_root_is_unchanged(tmp_path):
     ours = build_dataset(data_args(tmp_path), "train", None)
     ref = ImageFolder(str(tmp_path / "train"))
     assert ours.samples == ref.samples and ours.classes == ref.classes
+
+
+def test_unlabeled_mixed_tree_pretrains_without_loss_ce(tmp_path):
+    import json
+    from conftest import TINY, run_script
+    data = tmp_path / "data"
+    make_mixed_tree(data)
+    for i in range(26):  # enough for a batch of 16 after the held-out image
+        Image.new("RGB", (40, 36), (i * 9, 50, 100)).save(data / "a" / f"rgb{i:02d}.png")
+    out = tmp_path / "out"
+    proc = run_script("main_pretrain.py", *TINY, "--data_path", data, "--labels", "none",
+                      "--holdout", "0.1", "--val_interval", "1", "--diag_images", "3", "--vis_every", "1", "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held out 3 of 32 images" in proc.stdout and "online classifier off" in proc.stdout
+    stats = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert "train_loss_mae" in stats[-1] and not any("loss_ce" in k or "acc" in k for k in stats[-1])
+    assert (out / "reconstruction-0.png").is_file()
+    assert "diag_effective_rank" in stats[-1]  # label-free diagnostics ran on the held-out images
