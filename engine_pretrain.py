@@ -39,10 +39,12 @@ def compute_losses(model, samples, targets, args, noise=None, reg_grad=None, los
     else:
         loss_reg = reg_term = torch.zeros((), device=samples.device)
     fp32 = torch.promote_types(out.logits.dtype, torch.float32)  # float64 kept (tests)
-    loss_ce = F.cross_entropy(out.logits.to(fp32), targets)  # online head; its input is detached
-    loss = out.loss.to(fp32) + reg_term + loss_ce
-    return loss, {"loss_mae": out.loss.detach(), "loss_reg": loss_reg.detach(),
-                  "loss_ce": loss_ce.detach()}, out.logits
+    parts = {"loss_mae": out.loss.detach(), "loss_reg": loss_reg.detach()}
+    loss = out.loss.to(fp32) + reg_term
+    if getattr(args, "online_probe", True):  # off for unlabeled sources: targets are -1
+        loss_ce = F.cross_entropy(out.logits.to(fp32), targets)  # online head; its input is detached
+        loss, parts["loss_ce"] = loss + loss_ce, loss_ce.detach()
+    return loss, parts, out.logits
 
 
 def exact_accumulation(args):
@@ -122,9 +124,10 @@ def train_one_epoch(model, feature_model, data_loader, optimizer, scaler, device
                 loss, parts, logits = compute_losses(model, samples, targets, args, noise, reg_grad, loss_reg)
                 scaler.scale(loss / at.runs).backward()
             guard.record(k, loss.detach())
-            total = parts["loss_mae"].float() + args.lamb * parts["loss_reg"] + parts["loss_ce"]
-            acc = (logits.detach().argmax(dim=-1) == targets).float().mean() * 100
-            logger.update(n=samples.shape[0], loss=total, **parts, acc=acc, lr=lr)
+            total = parts["loss_mae"].float() + args.lamb * parts["loss_reg"] + parts.get("loss_ce", 0)
+            if "loss_ce" in parts:
+                parts["acc"] = (logits.detach().argmax(dim=-1) == targets).float().mean() * 100
+            logger.update(n=samples.shape[0], loss=total, **parts, lr=lr)
         pending = []
         if at.last and any(p.grad is not None for p in params):
             if args.clip_grad:

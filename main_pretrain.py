@@ -121,6 +121,27 @@ def patches_per_image(args):
         return build_model(argparse.Namespace(**{**vars(args), "nb_classes": 1})).patch_embed.num_patches
 
 
+def check_labels(args, dataset):
+    """nb_classes from the data; an unlabeled source (no classes) turns the online probe off."""
+    args.online_probe = bool(getattr(dataset, "classes", True))
+    if not args.online_probe:
+        print("unlabeled data: online classifier off (no loss_ce / accuracy), "
+              "kNN and online-probe monitors skipped")
+        args.nb_classes = 1  # the unused head still needs a width
+        args.knn_monitor = False
+        return
+    check_nb_classes(args, dataset)
+
+
+def log_online_probe(model, dataset_val, device, args, epoch, log_writer):
+    val = evaluate_online(model, eval_loader(dataset_val, args), device, args)
+    print(f"online probe on {val['n']} unmasked val images: top-1 {val['acc1']:.2f}  top-5 {val['acc5']:.2f}")
+    if log_writer is not None:
+        log_writer.add_scalar("val/online_acc1", val["acc1"], epoch)
+        log_writer.add_scalar("val/online_acc5", val["acc5"], epoch)
+    return {"val_online_acc1": val["acc1"], "val_online_acc5": val["acc5"]}
+
+
 def build_train_loader(args, device):
     """MAE's augmentation in the DataLoader workers (by default util/jpeg.py's fast decode
     + crop, normalised on the device; --fast_decode false: all PIL) or, with --gpu_decode,
@@ -130,12 +151,12 @@ def build_train_loader(args, device):
     L = patches_per_image(args)
     if not args.gpu_decode:
         dataset, normalize = build_train_set(args, pretrain_transform(args.input_size))
-        check_nb_classes(args, dataset)
+        check_labels(args, dataset)
         return on_device(train_loader(dataset, args, seed=args.seed, mask_patches=L), normalize, device)
     if args.data_path is None or args.dataset not in (None, "imagefolder"):
         raise UserError("--gpu_decode needs an ImageFolder --data_path (it decodes the image files)")
     dataset = build_dataset(args, "train", PlanCrop(), loader=read_encoded)
-    check_nb_classes(args, dataset)
+    check_labels(args, dataset)
     loader = train_loader(dataset, args, seed=args.seed, collate_fn=collate_encoded, mask_patches=L)
     return DeviceDecodeLoader(loader, args.input_size, device)
 
@@ -171,12 +192,8 @@ def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run
             log_writer).items()}
         last = epoch + 1 == args.epochs
         if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
-            val = evaluate_online(model_without_ddp, eval_loader(dataset_val, args), device, args)
-            print(f"online probe on {val['n']} unmasked val images: top-1 {val['acc1']:.2f}  top-5 {val['acc5']:.2f}")
-            stats.update({"val_online_acc1": val["acc1"], "val_online_acc5": val["acc5"]})
-            if log_writer is not None:
-                log_writer.add_scalar("val/online_acc1", val["acc1"], epoch)
-                log_writer.add_scalar("val/online_acc5", val["acc5"], epoch)
+            if args.online_probe:  # needs labels; the diagnostics below do not
+                stats.update(log_online_probe(model_without_ddp, dataset_val, device, args, epoch, log_writer))
             stats.update(log_diagnostics(model_without_ddp, dataset_val, device, args, epoch, log_writer))
         if args.vis_every and get_rank() == 0 and ((epoch + 1) % args.vis_every == 0 or last):
             path = save_reconstructions(model_without_ddp, vis_imgs, args.mask_ratio, args.output_dir,

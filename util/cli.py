@@ -51,6 +51,11 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
                    "files); none = synthetic data")
     g.add_argument("--dataset", default=None, choices=["imagefolder", "cifar10", "cifar100", "synthetic"],
                    help="default: imagefolder when --data_path is given, else synthetic")
+    g.add_argument("--labels", default="folders", choices=["folders", "none"],
+                   help="folders: train/<class>/ folders give labels (ImageFolder); none: every image below "
+                   "--data_path, unlabeled. A --data_path that is a text file is a file list either way")
+    g.add_argument("--holdout", default=0.01, type=float,
+                   help="fraction held out for val when the source has no val/ (at least 1, at most 5000 images)")
     g.add_argument("--class_subset", default=None, help="file of class folder names (wnids) to keep")
     g.add_argument("--synthetic_size", default=4096, type=int, help="train images of the synthetic set")
     g.add_argument("--nb_classes", default=None, type=int,
@@ -112,8 +117,8 @@ def check_common_args(args):
     if args.num_workers is not None and args.num_workers < 0:
         raise UserError("--num_workers must be >= 0")
     check_output_dir(args.output_dir)
-    if args.data_path is not None and not os.path.isdir(args.data_path):
-        raise UserError(f"data_path {args.data_path} does not exist or is not a folder")
+    if args.data_path is not None and not os.path.exists(args.data_path):
+        raise UserError(f"data_path {args.data_path} does not exist (a folder, or a text file listing images)")
     if args.resume and not os.path.isfile(args.resume):
         raise UserError(f"resume checkpoint {args.resume} does not exist")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -21,6 +21,7 @@ from torchvision.transforms import functional as F
 from util.dist import get_rank, get_world_size
 from util.errors import UserError
 from util.jpeg import DecodeCrop
+from util.sources import ListedImages, holdout_split, list_images, names_digest, read_file_list
 from util.shards import ShardImageFolder, is_shard_split, read_bytes, unfinished_conversion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -163,6 +164,9 @@ def build_dataset(args, split, transform, loader=None):
     if kind == "synthetic":
         n = args.synthetic_size if split == "train" else max(args.synthetic_size // 4, 1)
         return SyntheticImages(n, args.nb_classes or 10, args.input_size, split, args.seed, transform)
+    if kind == "imagefolder" and args.data_path is not None and (
+            os.path.isfile(args.data_path) or getattr(args, "labels", "folders") == "none"):
+        return build_listed(args, split, transform, loader)
     if args.data_path is None or not os.path.isdir(args.data_path):
         raise UserError(f"data_path {args.data_path} does not exist or is not a folder")
     if kind in ("cifar10", "cifar100"):
@@ -182,7 +186,28 @@ def build_dataset(args, split, transform, loader=None):
     try:
         return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     except FileNotFoundError as e:  # no class folders (tar shards without an index?), or a class folder without images
-        raise UserError(unfinished_conversion(root) or f"{root}: {e}") from None
+        raise UserError(unfinished_conversion(root) or f"{root}: {e} (images without class folders: "
+                        "use --labels none)") from None
+
+
+def build_listed(args, split, transform, loader=None):
+    """A file list or an unlabeled tree (util.sources). Without val/, `split` is a
+    fixed-seed held-out part of the sorted list, the same at every world size."""
+    path = args.data_path
+    has_splits = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "val"))
+    if os.path.isfile(path):
+        paths, labels = read_file_list(path)
+    elif has_splits:
+        return ListedImages(list_images(os.path.join(path, split)), None, transform, loader)
+    else:
+        paths, labels = list_images(path), None
+    train, held = holdout_split(paths, args.holdout)
+    base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # digest not tied to the mount
+    if split == "train":
+        print(f"held out {len(held)} of {len(paths)} images for val "
+              f""
+              f"(sha256 of their names {names_digest([os.path.relpath(paths[i], base) for i in held])})")
+    return ListedImages(paths, labels, transform, loader).subset(train if split == "train" else held)
 
 
 def build_train_set(args, transform):

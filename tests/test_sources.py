@@ -1,0 +1,152 @@
+"""util/sources.py: unlabeled trees, file lists, the held-out split and image modes."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from util.errors import UserError
+from util.sources import (ListedImages, any_mode_loader, holdout_split, list_images, names_digest,
+                          read_file_list)
+
+
+def make_mixed_tree(root):
+    """A nested, classless tree of the formats and modes users have, plus a non-image."""
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c").mkdir()
+    Image.new("RGB", (20, 16), (10, 200, 30)).save(root / "a" / "x.JPG")
+    Image.new("L", (20, 16), 128).save(root / "a" / "b" / "grey.png")
+    Image.new("CMYK", (20, 16), (0, 255, 0, 0)).save(root / "c" / "cmyk.tiff")
+    Image.new("RGB", (20, 16), (0, 0, 255)).convert("P", palette=Image.ADAPTIVE).save(root / "c" / "pal.bmp")
+    Image.new("RGBA", (20, 16), (255, 0, 0, 0)).save(root / "c" / "clear.webp", lossless=True)
+    Image.fromarray(np.full((16, 20), 65535, np.uint16)).save(root / "deep16.png")
+    (root / "c" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_list_images_finds_every_image_sorted(tmp_path):
+    names = list_images(make_mixed_tree(tmp_path))
+    assert [p[len(str(tmp_path)) + 1:] for p in names] == sorted(
+        ["a/x.JPG", "a/b/grey.png", "c/cmyk.tiff", "c/pal.bmp", "c/clear.webp", "deep16.png"])
+
+
+def test_list_images_empty_tree_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no image files"):
+        list_images(tmp_path)
+
+
+def test_every_mode_loads_as_8bit_rgb(tmp_path):
+    make_mixed_tree(tmp_path)
+    for p in list_images(tmp_path):
+        img = any_mode_loader(p)
+        assert img.mode == "RGB" and img.size == (20, 16)
+    # 16-bit white stays white (convert('RGB') alone would clip it), alpha 0 shows the white background
+    assert any_mode_loader(tmp_path / "deep16.png").getpixel((0, 0)) == (255, 255, 255)
+    assert any_mode_loader(tmp_path / "c" / "clear.webp").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_16bit_mid_grey_scales_not_clips(tmp_path):
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(tmp_path / "g.png")
+    assert any_mode_loader(tmp_path / "g.png").getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_file_list_relative_absolute_and_labels(tmp_path):
+    make_mixed_tree(tmp_path / "imgs")
+    (tmp_path / "lists").mkdir()
+    absolute = tmp_path / "imgs" / "deep16.png"
+    (tmp_path / "lists" / "l.txt").write_text(f"../imgs/a/x.JPG 3\n\n{absolute} 0\n")
+    paths, labels = read_file_list(tmp_path / "lists" / "l.txt")
+    assert labels == [3, 0]
+    ds = ListedImages(paths, labels)
+    assert ds[0][1] == 3 and ds[0][0].size == (20, 16)
+    (tmp_path / "lists" / "u.txt").write_text("../imgs/a/x.JPG\n")
+    paths, labels = read_file_list(tmp_path / "lists" / "u.txt")
+    assert labels is None and ListedImages(paths)[0][1] == -1
+
+
+def test_file_list_mixed_labels_is_a_user_error(tmp_path):
+    (tmp_path / "l.txt").write_text("a.png 1\nb.png\n")
+    with pytest.raises(UserError, match="some lines have a label"):
+        read_file_list(tmp_path / "l.txt")
+
+
+def test_holdout_split_same_at_world_size_1_and_2():
+    names = [f"img{i:05d}.png" for i in range(1000)]
+    train, held = holdout_split(names, 0.01, seed=0)
+    assert len(held) == 10 and sorted(train + held) == list(range(1000))
+    # world size 2: rank 0 lists and broadcasts; each rank splits the same list the same way
+    for _rank in range(2):
+        assert holdout_split(list(names), 0.01, seed=0) == (train, held)
+    assert names_digest([names[i] for i in held]) == names_digest([names[i] for i in held])
+
+
+def test_holdout_split_bounds():
+    assert len(holdout_split(["a", "b", "c"], 0.01)[1]) == 1
+    assert len(holdout_split([str(i) for i in range(10**6)], 0.01)[1]) == 5000
+    with pytest.raises(UserError, match="at least 2"):
+        holdout_split(["a"], 0.01)
+
+
+def data_args(data_path, labels="folders", holdout=0.2):
+    import argparse
+    return argparse.Namespace(dataset=None, data_path=str(data_path), labels=labels, holdout=holdout,
+                              class_subset=None)
+
+
+def test_classless_tree_without_labels_none_hints_the_flag(tmp_path):
+    from util.datasets import build_dataset
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a.png")
+    with pytest.raises(UserError, match="use --labels none"):
+        build_dataset(data_args(tmp_path), "train", None)
+
+
+def test_labels_none_tree_without_val_splits_held_out(tmp_path):
+    from util.datasets import build_dataset
+    for i in range(10):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    train = build_dataset(data_args(tmp_path, "none"), "train", None)
+    val = build_dataset(data_args(tmp_path, "none"), "val", None)
+    assert len(train) == 8 and len(val) == 2 and train.classes == []
+    names = {p for p, _ in train.samples} | {p for p, _ in val.samples}
+    assert len(names) == 10 and all(t == -1 for _, t in train.samples + val.samples)
+
+
+def test_file_list_data_path_keeps_labels(tmp_path):
+    from util.datasets import build_dataset
+    lines = []
+    for i in range(5):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png {i % 2}")
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    train = build_dataset(data_args(tmp_path / "list.txt"), "train", None)
+    assert len(train) == 4 and train.classes == [0, 1]
+    assert all(t == int(p[-5]) % 2 for p, t in train.samples)
+
+
+def test_imagefolder_root_is_unchanged(tmp_path):
+    from torchvision.datasets import ImageFolder
+    from util.datasets import build_dataset
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "x.jpg")
+    ours = build_dataset(data_args(tmp_path), "train", None)
+    ref = ImageFolder(str(tmp_path / "train"))
+    assert ours.samples == ref.samples and ours.classes == ref.classes
+
+
+def test_unlabeled_mixed_tree_pretrains_without_loss_ce(tmp_path):
+    import json
+    from conftest import TINY, run_script
+    data = tmp_path / "data"
+    make_mixed_tree(data)
+    for i in range(26):  # enough for a batch of 16 after the held-out image
+        Image.new("RGB", (40, 36), (i * 9, 50, 100)).save(data / "a" / f"rgb{i:02d}.png")
+    out = tmp_path / "out"
+    proc = run_script("main_pretrain.py", *TINY, "--data_path", data, "--labels", "none",
+                      "--holdout", "0.1", "--val_interval", "1", "--diag_images", "3", "--vis_every", "1", "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held out 3 of 32 images" in proc.stdout and "online classifier off" in proc.stdout
+    stats = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert "train_loss_mae" in stats[-1] and not any("loss_ce" in k or "acc" in k for k in stats[-1])
+    assert (out / "reconstruction-0.png").is_file()
+    assert "diag_effective_rank" in stats[-1]  # label-free diagnostics ran on the held-out images
