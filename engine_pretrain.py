@@ -44,6 +44,8 @@ def compute_losses(model, samples, targets, args, noise=None, reg_grad=None, los
     if getattr(args, "online_probe", True):  # off for unlabeled sources: targets are -1
         loss_ce = F.cross_entropy(out.logits.to(fp32), targets)  # online head; its input is detached
         loss, parts["loss_ce"] = loss + loss_ce, loss_ce.detach()
+    else:  # the unused head still takes part in the backward: DDP needs a gradient for every parameter
+        loss = loss + 0.0 * out.logits.sum()
     return loss, parts, out.logits
 
 

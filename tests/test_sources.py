@@ -150,3 +150,24 @@ def test_unlabeled_mixed_tree_pretrains_without_loss_ce(tmp_path):
     assert "train_loss_mae" in stats[-1] and not any("loss_ce" in k or "acc" in k for k in stats[-1])
     assert (out / "reconstruction-0.png").is_file()
     assert "diag_effective_rank" in stats[-1]  # label-free diagnostics ran on the held-out images
+
+
+def test_unlabeled_tree_pretrains_on_two_ranks_with_the_same_held_out_split(tmp_path):
+    """2 gloo ranks under DDP: the unused online head must still get (zero) gradients, and
+    the held-out split is the one a single process makes."""
+    import json
+    from conftest import TINY, run_script
+    data = tmp_path / "data"
+    for i in range(71):  # prime: no batch divides it
+        (data / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 36), (i * 3, 50, 100)).save(data / f"d{i % 3}" / f"img{i:02d}.png")
+    outs = {}
+    for world in (1, 2):
+        out = tmp_path / f"out{world}"
+        proc = run_script("main_pretrain.py", *TINY, "--batch_size", "8", "--data_path", data, "--labels", "none",
+                          "--holdout", "0.1", "--output_dir", out, torchrun=world if world > 1 else 0)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[world] = [line.split("] ", 1)[-1] for line in proc.stdout.splitlines() if "held out" in line]
+        stats = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+        assert stats and not any("loss_ce" in k for k in stats[-1])
+    assert outs[1] and outs[1][0] == outs[2][0] and "held out 7 of 71 images" in outs[1][0]

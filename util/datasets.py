@@ -205,7 +205,6 @@ def build_listed(args, split, transform, loader=None):
     base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # digest not tied to the mount
     if split == "train":
         print(f"held out {len(held)} of {len(paths)} images for val "
-              f""
               f"(sha256 of their names {names_digest([os.path.relpath(paths[i], base) for i in held])})")
     return ListedImages(paths, labels, transform, loader).subset(train if split == "train" else held)
 
