@@ -81,3 +81,34 @@ def test_several_nodes_need_a_master_address_that_is_not_loopback():
         proc = dry_run("pretrain.sh", 2, 1, "mae", MASTER_ADDR=addr)
         assert proc.returncode == 2 and proc.stdout == "", proc.stdout
         assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: NNODES=2 needs MASTER_ADDR")
+
+
+def in_srun_step(job, step, nodes, tasks, node_id, **env):
+    """pretrain.sh as srun starts it inside allocation `job` (DRY_RUN), with `env` inherited."""
+    slurm = {"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step), "SLURM_STEP_NUM_NODES": str(nodes),
+             "SLURM_NNODES": str(nodes), "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_NODEID": str(node_id),
+             "SLURM_STEP_NODELIST": "nodeA,nodeB", "SLURM_JOB_NODELIST": "nodeA,nodeB"}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NODE_RANK"))}
+    full_env.update({"RECIPE": "mae", "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "DRY_RUN": "1",
+                     **slurm, **env})
+    return subprocess.run(["bash", os.path.join(REPO, "pretrain.sh")], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_slurm_steps_get_their_own_port_and_slurms_topology():
+    # single-node jobs and steps: a port of their own (all shared 29500 before)
+    ports = set()
+    for job, step in ((1234, 0), (1235, 0), (1234, 1)):
+        plan, value = planned(in_srun_step(job, step, 1, 1, 0))
+        ports.add(plan.split("rendezvous at 127.0.0.1:")[1].split(",")[0])
+    assert ports == {"16234", "16235", "17234"}
+    # one launcher per node on a single node too (8 launchers of 8 processes each before)
+    proc = in_srun_step(1234, 0, 1, 8, 0)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == "error: srun started 8 tasks on 1 nodes: run pretrain.sh once per node " \
+                                  "(srun --ntasks-per-node=1)"
+    # an exported NODE_RANK / NNODES from the submitting shell: SLURM's win, said in one note
+    proc = in_srun_step(1234, 0, 2, 2, 1, NODE_RANK="0", NNODES="2", MASTER_ADDR="nodeA")  # no scontrol here
+    plan, value = planned(proc)
+    assert value["--node_rank"] == "1" and value["--master_addr"] == "nodeA" and "this is node 1" in plan
+    assert proc.stderr.strip() == "note: NODE_RANK=0 from the environment ignored: srun says NODE_RANK=1"

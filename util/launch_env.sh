@@ -1,28 +1,41 @@
 # Sourced by pretrain.sh, linprobe.sh and finetune.sh: the torchrun topology from
 # the environment (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE;
 # under srun on several nodes: SLURM_NNODES, SLURM_NODEID, and MASTER_ADDR = the
-# step's first host) and the interpreter (PYTHON, default the project's .venv). Defines WORLD,
-# the TORCHRUN command array, and plan_batch / launch for the launchers.
-ON_SLURM=0  # the topology comes from the SLURM allocation (srun once per node)
-[ -z "${NNODES:-}" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_NNODES:-1}" -gt 1 ] && ON_SLURM=1
-NNODES=${NNODES:-${SLURM_NNODES:-1}}
-NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
-if [ "$ON_SLURM" -eq 1 ]; then
-  if [ -z "${SLURM_STEP_ID:-}" ]; then  # the batch script runs on the first node only
-    echo "error: $NNODES nodes: start $(basename "$0") once per node with" \
-         "srun --ntasks-per-node=1 bash $(basename "$0") ..." >&2
-    exit 2
-  fi
+# step's first host; inside an srun step SLURM's node count and node id win over inherited
+# ones, and under SLURM the port is unique per job and step) and the interpreter (PYTHON,
+# default the project's .venv). Defines WORLD, the TORCHRUN command array, and
+# plan_batch / launch for the launchers.
+IN_STEP=0  # started by srun inside an allocation: SLURM's topology wins over inherited variables
+[ -n "${SLURM_JOB_ID:-}" ] && [[ ${SLURM_STEP_ID:-} =~ ^[0-9]+$ ]] && IN_STEP=1
+if [ "$IN_STEP" -eq 1 ]; then
+  # sbatch exports the submitting shell's variables: an exported NODE_RANK=0 made every node node 0
+  from_slurm() {  # NAME VALUE: set NAME to SLURM's VALUE, saying so when the environment had another
+    if [ -n "${!1:-}" ] && [ "${!1}" != "$2" ]; then
+      echo "note: $1=${!1} from the environment ignored: srun says $1=$2" >&2
+    fi
+    printf -v "$1" '%s' "$2"
+  }
+  from_slurm NNODES "${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-1}}"
+  from_slurm NODE_RANK "${SLURM_NODEID:-0}"
   if [ "${SLURM_STEP_NUM_TASKS:-$NNODES}" -ne "$NNODES" ]; then  # torchrun starts the node's processes
     echo "error: srun started $SLURM_STEP_NUM_TASKS tasks on $NNODES nodes: run $(basename "$0") once per node" \
          "(srun --ntasks-per-node=1)" >&2
     exit 2
   fi
-  if [ -z "${MASTER_ADDR:-}" ]; then  # torchrun's rank 0 runs on the step's first host
+  if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then  # torchrun's rank 0 runs on the step's first host
     MASTER_ADDR=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
   fi
-  MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 10000))}  # as submit_slurm.py
+elif [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ] && [ "${SLURM_NNODES:-1}" -gt 1 ]; then
+  echo "error: ${SLURM_NNODES} nodes: start $(basename "$0") once per node with" \
+       "srun --ntasks-per-node=1 bash $(basename "$0") ..." >&2  # the batch script runs on the first node only
+  exit 2
 fi
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MASTER_PORT:-}" ]; then
+  # unique per job and step on a node too: two single-node jobs (or steps) on one node shared 29500
+  MASTER_PORT=$((15000 + (SLURM_JOB_ID + 1000 * ${SLURM_STEP_ID:-0}) % 10000))  # step 0: as submit_slurm.py
+fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
 if [ "$NNODES" -gt 1 ]; then  # node 1.. would wait on their own loopback
   case "${MASTER_ADDR:-}" in
     ""|127.*|localhost|::1|0.0.0.0)
