@@ -112,3 +112,34 @@ def test_slurm_steps_get_their_own_port_and_slurms_topology():
     plan, value = planned(proc)
     assert value["--node_rank"] == "1" and value["--master_addr"] == "nodeA" and "this is node 1" in plan
     assert proc.stderr.strip() == "note: NODE_RANK=0 from the environment ignored: srun says NODE_RANK=1"
+
+
+def test_sigusr1_to_the_launcher_reaches_the_workers_through_torchrun(tmp_path):
+    """SLURM's time-limit warning (--signal=USR1@T) sent to pretrain.sh: the workers save a
+    checkpoint at their next poll and the launcher exits 0 (before: torchrun died of the
+    signal, exit 138, and the workers never saw it)."""
+    import signal
+    import time
+    out = tmp_path / "usr1"
+    env = {**os.environ, "RECIPE": "mae", "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "EFF_BATCH": "16"}
+    env.pop("SLURM_JOB_ID", None)
+    args = [*TINY, "--synthetic_size", "4000", "--epochs", "50", "--batch_size", "8", "--output_dir", str(out)]
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "pretrain.sh"), *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        log = []
+        for line in proc.stdout:  # until training has started on both ranks
+            log.append(line)
+            if "Epoch: [0] [" in line:
+                break
+        time.sleep(1)
+        proc.send_signal(signal.SIGUSR1)  # the launcher's bash only, as srun's task
+        rest, _ = proc.communicate(timeout=120)
+        log = "".join(log) + rest
+        assert proc.returncode == 0, log[-3000:]
+        assert "preempted at epoch 0" in log, log[-3000:]
+        assert any(p.name.startswith("checkpoint") for p in out.iterdir()), log[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

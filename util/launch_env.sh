@@ -83,11 +83,26 @@ plan_batch() {
        "torchrun rendezvous at $MASTER_ADDR:$MASTER_PORT, this is node $NODE_RANK"
 }
 
-# launch CMD...: exec CMD, or with DRY_RUN=1 print it (one line, shell-quoted) instead.
+# launch CMD...: run CMD (torchrun) and pass signals on, or with DRY_RUN=1 print it (one
+# line, shell-quoted) instead. torchrun forwards TERM/INT/HUP/QUIT to its workers but dies of
+# SIGUSR1 (SLURM's --signal=USR1@T warning; exit 138) and leaves them without it. So torchrun
+# starts with USR1 ignored (kept across exec; the workers install their own handler first) and
+# this shell stays its parent: USR1 goes to the workers (torchrun's children), which save at
+# their next poll, requeue under SLURM and exit 0; TERM/INT go to torchrun as before.
 launch() {
   if [ -n "${DRY_RUN:-}" ]; then
     printf '%q ' "$@"; echo
     exit 0
   fi
-  exec "$@"
+  trap '' USR1
+  "$@" &
+  local pid=$! rc
+  trap 'pkill -USR1 -P "$pid"' USR1
+  trap 'kill -TERM "$pid" 2>/dev/null' TERM
+  trap 'kill -INT "$pid" 2>/dev/null' INT
+  while true; do  # a trapped signal ends `wait` early (status > 128) while torchrun runs on
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  exit "$rc"
 }
