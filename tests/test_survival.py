@@ -350,3 +350,41 @@ def test_two_process_nonfinite_retry_at_a_group_end(tmp_path):
     state = torch.load(out / "checkpoint-1.pth", weights_only=True)
     assert state["skip_steps"] == [[1, 1]] and state["effective_batch"] == 32
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL])
+def test_a_rank_that_freezes_or_dies_ends_the_others_with_one_line(tmp_path, sig):
+    """Two ranks as srun starts them (no torchrun to tear the others down); rank 1 is
+    stopped (its host froze: the connection stays open, nothing arrives) or killed mid-run.
+    Rank 0 ends within --dist_timeout (0.25 min here) with one line naming the wait, and
+    the newest checkpoint still loads."""
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "main_pretrain.py"), *RUN, "--synthetic_size", "1024",
+             "--batch_size", "8", "--num_workers", "0", "--dist_timeout", "0.25", "--output_dir", str(tmp_path)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        assert wait_for_position(procs[0], tmp_path, (0, 1)) >= (0, 1)
+        os.kill(procs[1].pid, sig)
+        t0 = time.time()
+        out, err = procs[0].communicate(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    if sig == signal.SIGSTOP:
+        assert lines[0].startswith("error: rank 0: a collective ") and " waited 15 s (--dist_timeout) " in lines[0]
+        assert 14 < waited < 60, waited
+    else:
+        assert lines[0].startswith("error: rank 0: another rank went away mid-collective (gloo: Connection ")
+        assert waited < 30, waited
+    assert "a requeued or restarted run resumes from it" in lines[0]
+    newest = list_checkpoints(str(tmp_path))[0][0]
+    assert torch.load(newest, weights_only=True)["model"]
