@@ -92,11 +92,13 @@ def check_paths(args, script, script_args):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"output_dir {out} is not a folder ({existing} is a file)")
+    if any(c in out for c in '"\n'):
+        raise UserError(f"output_dir {out!r}: a double quote or newline cannot go in an #SBATCH --output line")
     if args.nodes > 1 and out.startswith(NODE_LOCAL):
         raise UserError(f"output_dir {out} is node-local; with {args.nodes} nodes it must be on a shared file system")
     data = option_value(script_args, "--data_path")
-    if data is not None and not os.path.isdir(data):
-        raise UserError(f"data_path {data} is not a folder here; it must exist on a file system every node sees")
+    if data is not None and not os.path.exists(data):  # a folder, a shard root or a file list
+        raise UserError(f"data_path {data} does not exist here; it must be on a file system every node sees")
     if args.nodes > 1 and REPO.startswith(NODE_LOCAL):  # fine only if every node has the same copy there
         print(f"warning: the code lives in node-local {REPO}; every node needs the same copy at this path",
               file=sys.stderr)
@@ -154,6 +156,12 @@ def tasks_per_node(args):
     return tasks
 
 
+def log_pattern(output_dir, name):
+    """An #SBATCH file pattern for output_dir/slurm/name: double-quoted (sbatch splits an
+    #SBATCH line at spaces outside quotes) with a literal % doubled (%j etc. are patterns)."""
+    return '"' + os.path.join(output_dir.replace("%", "%%"), "slurm", name) + '"'
+
+
 def sbatch_script(args, script, script_args, output_dir):
     python = args.python or sys.executable
     ntasks = tasks_per_node(args)
@@ -173,8 +181,8 @@ def sbatch_script(args, script, script_args, output_dir):
               f"#SBATCH --signal=USR1@{args.signal_before}",
               "#SBATCH --requeue",
               "#SBATCH --open-mode=append",
-              f"#SBATCH --output={output_dir}/slurm/%j.out",
-              f"#SBATCH --error={output_dir}/slurm/%j.err"]
+              f"#SBATCH --output={log_pattern(output_dir, '%j.out')}",
+              f"#SBATCH --error={log_pattern(output_dir, '%j.err')}"]
     for opt in ("partition", "account", "qos"):
         if getattr(args, opt):
             lines.append(f"#SBATCH --{opt}={getattr(args, opt)}")

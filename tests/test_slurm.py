@@ -22,7 +22,7 @@ def test_dry_run_script(tmp_path):
     text = proc.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --requeue", "#SBATCH --signal=USR1@120", "#SBATCH --partition=gpu",
-                 "#SBATCH --time=4:00:00", f"#SBATCH --output={out}/slurm/%j.out"):
+                 "#SBATCH --time=4:00:00", f'#SBATCH --output="{out}/slurm/%j.out"'):
         assert line in text.splitlines(), line
     assert "#SBATCH --mem-per-gpu=60G" in text.splitlines()
     # srun of SLURM >= 22.05 does not inherit --cpus-per-task from sbatch
@@ -32,6 +32,24 @@ def test_dry_run_script(tmp_path):
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_dry_run_quotes_an_output_dir_with_spaces_and_percent(tmp_path):
+    """sbatch splits an #SBATCH line at spaces outside quotes and reads % as a file-name
+    pattern: the log lines are quoted, a literal % doubled; the srun line is shell-quoted.
+    A file list is a valid --data_path."""
+    out = tmp_path / "my runs" / "100% tcr"
+    listing = tmp_path / "files.txt"
+    listing.write_text("a.jpg\n")
+    proc = run_script("submit_slurm.py", "--gpus_per_node", "0", "--tasks_per_node", "1", "--dry_run", "--",
+                      "main_pretrain.py", "--output_dir", out, "--data_path", listing, "--labels", "none")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert f'#SBATCH --output="{tmp_path}/my runs/100%% tcr/slurm/%j.out"' in lines, proc.stdout
+    assert f'#SBATCH --error="{tmp_path}/my runs/100%% tcr/slurm/%j.err"' in lines
+    assert f"--output_dir '{out}'" in proc.stdout
+    assert_one_line_error(run_script("submit_slurm.py", "--dry_run", "--", "main_pretrain.py", "--output_dir",
+                                     tmp_path / 'a"b'), "double quote or newline")
 
 
 def test_dry_run_cpu_tasks(tmp_path):
