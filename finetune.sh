@@ -22,6 +22,9 @@
 #                     effective batch 2048 (M-MAE finetune.sh)
 # Effective batch = BATCH x GPUs x ACCUM, kept at the recipe's at any GPU count
 # (util/launch_env.sh plan_batch: BATCH lowered where needed, else refused); lr = blr x effective batch / 256.
+# Per GPU at most 128 for ViT-B, 32 for ViT-L and 16 for ViT-H (MAE's FINETUNE.md per-GPU
+# batches: ViT-L/H fine-tuning at 128 runs out of memory on an 80 GB GPU); BATCH, ACCUM or
+# --batch_size / --accum_iter among the extra arguments change the split, not the effective batch.
 set -euo pipefail
 # Relative DATA, CKPT and OUTPUT_DIR name the caller's folder, not the repository
 # (cd below); paths in extra arguments are relative to the repository.
@@ -37,9 +40,9 @@ source util/launch_env.sh
 EFF=1024; WARMUP=5; DEFAULT_BATCH=128; EXTRA=()
 case "$RECIPE" in
   mae|umae|mmae)  MODEL=vit_base_patch16;  BLR=5e-4; LD=0.65; DP=0.1; EPOCHS=100 ;;
-  mae-l|umae-l)   MODEL=vit_large_patch16; BLR=1e-3; LD=0.75; DP=0.2; EPOCHS=50 ;;
-  mae-h)          MODEL=vit_huge_patch14;  BLR=1e-3; LD=0.75; DP=0.3; EPOCHS=50 ;;
-  mmae-l)         MODEL=vit_large_patch16; BLR=5e-4; LD=0.65; DP=0.1; EPOCHS=100; EFF=2048 ;;
+  mae-l|umae-l)   MODEL=vit_large_patch16; BLR=1e-3; LD=0.75; DP=0.2; EPOCHS=50; DEFAULT_BATCH=32 ;;
+  mae-h)          MODEL=vit_huge_patch14;  BLR=1e-3; LD=0.75; DP=0.3; EPOCHS=50; DEFAULT_BATCH=16 ;;
+  mmae-l)         MODEL=vit_large_patch16; BLR=5e-4; LD=0.65; DP=0.1; EPOCHS=100; EFF=2048; DEFAULT_BATCH=32 ;;
   # CPU demo on the synthetic images of `make demo` (ViT-Tiny width, 32x32, 4x4 patches).
   demo)           MODEL=vit_tiny_patch16;  BLR=1e-3; LD=0.75; DP=0.1; EPOCHS=3; WARMUP=1; EFF=64; DEFAULT_BATCH=64
                   CKPT=${CKPT:-output_demo/checkpoint-5.pth}
@@ -51,7 +54,7 @@ if [ -z "${CKPT:-}" ]; then
   echo "error: set CKPT to the pretrained checkpoint (ours or an official MAE file)" >&2; exit 2
 fi
 
-plan_batch "$EFF" "$DEFAULT_BATCH"
+plan_batch "$EFF" "$DEFAULT_BATCH" "$@"
 DATA_ARGS=()
 [ -n "$DATA" ] && DATA_ARGS=(--data_path "$DATA")
 

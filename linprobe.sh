@@ -54,7 +54,7 @@ if [ -z "${CKPT:-}" ]; then
   echo "error: set CKPT to the pretrained checkpoint (ours or an official MAE file)" >&2; exit 2
 fi
 
-plan_batch "$EFF" "$DEFAULT_BATCH"
+plan_batch "$EFF" "$DEFAULT_BATCH" "$@"
 DATA_ARGS=()
 [ -n "$DATA" ] && DATA_ARGS=(--data_path "$DATA")
 

@@ -36,7 +36,7 @@ DATA=${DATA:-}
 source util/launch_env.sh
 
 # 8 x 128 = 1024 images per update at any GPU count: 16 GPUs x 64, 1 GPU x 128 x accum 8.
-plan_batch 1024 128
+plan_batch 1024 128 "$@"
 
 case "$RECIPE" in
   mae)    MODEL=mae_vit_base_patch16;  REG=(--reg none) ;;

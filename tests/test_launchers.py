@@ -8,7 +8,8 @@ from conftest import REPO, TINY, free_port
 
 
 def run_sh(script, tmp_path, recipe, *extra):
-    env = {**os.environ, "RECIPE": recipe, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()),
+    # 16 images per update (8 per process x 2): TINY's 64 images hold whole accumulation groups
+    env = {**os.environ, "RECIPE": recipe, "GPUS_PER_NODE": "2", "EFF_BATCH": "16", "MASTER_PORT": str(free_port()),
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(["bash", os.path.join(REPO, script), *TINY, "--batch_size", "8",
                            "--output_dir", str(tmp_path / recipe), *extra],
@@ -30,14 +31,14 @@ def test_pretrain_sh_unknown_recipe(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: unknown RECIPE")
 
 
-def dry_run(script, nnodes, gpus, recipe, **env):
+def dry_run(script, nnodes, gpus, recipe, *args, **env):
     """The launcher's plan and torchrun command for NNODES x GPUS_PER_NODE, without GPUs."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("BATCH", "ACCUM", "EFF_BATCH")}
     full_env.update({"RECIPE": recipe, "NNODES": str(nnodes), "NODE_RANK": "1", "MASTER_ADDR": "node0",
                      "GPUS_PER_NODE": str(gpus), "PYTHON": sys.executable, "DRY_RUN": "1",
                      "CKPT": "pretrained.pth", **env})
-    return subprocess.run(["bash", os.path.join(REPO, script)], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(["bash", os.path.join(REPO, script), *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=60)
 
 
 def planned(proc):
@@ -53,7 +54,8 @@ def test_two_nodes_of_eight_gpus_keep_each_recipes_effective_batch():
     cases = [("pretrain.sh", "mmae", 1024, "64", "1"),     # 8 x 128 on one node
              ("linprobe.sh", "mae", 16384, "512", "2"),    # 8 x 512 x accum 4 on one node
              ("linprobe.sh", "mmae", 8192, "256", "2"),
-             ("finetune.sh", "mmae-l", 2048, "128", "1"),
+             ("finetune.sh", "mmae-l", 2048, "32", "4"),     # ViT-L: 32 per GPU, as MAE
+             ("finetune.sh", "mae-h", 1024, "16", "4"),      # ViT-H: 16 per GPU
              ("finetune.sh", "mae", 1024, "64", "1")]
     for script, recipe, eff, batch, accum in cases:
         plan, value = planned(dry_run(script, 2, 8, recipe))
@@ -74,6 +76,27 @@ def test_effective_batch_that_cannot_be_kept_is_refused():
     assert proc.returncode == 2 and proc.stderr.startswith("error: BATCH=48 x 16 GPUs x ACCUM=1 is not")
     plan, value = planned(dry_run("pretrain.sh", 2, 8, "mae", BATCH="32"))  # kept by accumulating
     assert (value["--batch_size"], value["--accum_iter"]) == ("32", "2"), plan
+
+
+def test_batch_arguments_to_a_launcher_keep_the_effective_batch():
+    """`bash finetune.sh --batch_size 32` wins over the preset's per-GPU batch (it comes last),
+    so the plan takes it and accumulates to the recipe's effective batch; before, the plan
+    printed 128 x 8 x 1 while the run trained 32 x 8 x 1 = 256."""
+    plan, value = planned(dry_run("finetune.sh", 1, 8, "mae", "--batch_size", "32"))
+    assert (value["--batch_size"], value["--accum_iter"]) == ("32", "4"), plan
+    assert plan.startswith("effective batch 1024 = 32 per GPU x 8 GPUs (1 nodes x 8) x accum 4"), plan
+    plan, value = planned(dry_run("linprobe.sh", 1, 8, "mae", "--accum_iter=8", "--epochs", "1"))
+    assert (value["--batch_size"], value["--accum_iter"]) == ("256", "8"), plan
+    plan, value = planned(dry_run("pretrain.sh", 1, 2, "mae", "--batch_size", "16", "--batch_size", "64"))
+    assert (value["--batch_size"], value["--accum_iter"]) == ("64", "8"), plan  # the last one wins, as in argparse
+    for args, env, fragment in [(["--batch_size", "48"], {}, "error: BATCH=48 x 8 GPUs x ACCUM=2 is not"),
+                                (["--batch_size", "64"], {"BATCH": "32"}, "error: BATCH=32 and --batch_size 64 disagree"),
+                                (["--accum_iter", "two"], {}, "error: --accum_iter two: a positive integer")]:
+        proc = dry_run("finetune.sh", 1, 8, "mae", *args, **env)
+        assert proc.returncode == 2 and proc.stderr.startswith(fragment), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+    plan, value = planned(dry_run("finetune.sh", 1, 1, "mae-h"))  # one GPU: ViT-H at 16 per GPU
+    assert (value["--batch_size"], value["--accum_iter"]) == ("16", "64"), plan
 
 
 def test_several_nodes_need_a_master_address_that_is_not_loopback():

@@ -55,12 +55,17 @@ WORLD=$((NNODES * GPUS_PER_NODE))
 TORCHRUN=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK"
           --nproc_per_node "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 
-# plan_batch EFF DEFAULT_BATCH: BATCH per GPU and ACCUM so that BATCH x WORLD x ACCUM is
-# exactly the recipe's effective batch EFF (EFF_BATCH overrides it) at this world size.
-# BATCH and ACCUM from the environment are kept (and checked); else BATCH is the
+# plan_batch EFF DEFAULT_BATCH [ARGS...]: BATCH per GPU and ACCUM so that BATCH x WORLD x ACCUM
+# is exactly the recipe's effective batch EFF (EFF_BATCH overrides it) at this world size.
+# BATCH and ACCUM from the environment, or --batch_size / --accum_iter among the launcher's
+# extra ARGS (which reach the script last and win), are kept (and checked); else BATCH is the
 # recipe's, lowered when WORLD x BATCH would exceed EFF, and ACCUM makes up the rest.
 plan_batch() {
   EFF=${EFF_BATCH:-$1}
+  local default=$2
+  shift 2
+  batch_from_args BATCH --batch_size "$@"
+  batch_from_args ACCUM --accum_iter "$@"
   local fix="set BATCH (per GPU) and ACCUM with BATCH x $WORLD GPUs x ACCUM = $EFF, or EFF_BATCH"
   if [ $((EFF % WORLD)) -ne 0 ]; then
     echo "error: effective batch $EFF is not a multiple of $WORLD GPUs ($NNODES nodes x $GPUS_PER_NODE):" \
@@ -71,7 +76,7 @@ plan_batch() {
   if [ -z "${BATCH:-}" ] && [ -n "${ACCUM:-}" ]; then
     BATCH=$((per_gpu / (ACCUM > 0 ? ACCUM : 1)))
   elif [ -z "${BATCH:-}" ]; then  # the recipe's per-GPU batch, or the largest divisor of per_gpu below it
-    BATCH=$(( $2 < per_gpu ? $2 : per_gpu ))
+    BATCH=$(( default < per_gpu ? default : per_gpu ))
     while [ $((per_gpu % BATCH)) -ne 0 ]; do BATCH=$((BATCH - 1)); done
   fi
   ACCUM=${ACCUM:-$((per_gpu / (BATCH > 0 ? BATCH : 1)))}
@@ -81,6 +86,26 @@ plan_batch() {
   fi
   echo "effective batch $EFF = $BATCH per GPU x $WORLD GPUs ($NNODES nodes x $GPUS_PER_NODE) x accum $ACCUM;" \
        "torchrun rendezvous at $MASTER_ADDR:$MASTER_PORT, this is node $NODE_RANK"
+}
+
+# batch_from_args VAR FLAG ARGS...: VAR = FLAG's last value in ARGS (--flag N or --flag=N), which
+# main_*.py would take over the preset's; refused when the environment's VAR says otherwise.
+batch_from_args() {
+  local var=$1 flag=$2 value="" prev=""
+  shift 2
+  for a in "$@"; do
+    [ "$prev" = "$flag" ] && value=$a
+    [[ $a == "$flag="* ]] && value=${a#*=}
+    prev=$a
+  done
+  [ -z "$value" ] && return 0
+  if ! [[ $value =~ ^[0-9]+$ ]]; then
+    echo "error: $flag $value: a positive integer is needed" >&2; exit 2
+  fi
+  if [ -n "${!var:-}" ] && [ "${!var}" != "$value" ]; then
+    echo "error: $var=${!var} and $flag $value disagree: give one of them" >&2; exit 2
+  fi
+  printf -v "$var" '%s' "$value"
 }
 
 # launch CMD...: run CMD (torchrun) and pass signals on, or with DRY_RUN=1 print it (one
