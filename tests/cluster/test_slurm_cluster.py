@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -24,9 +25,10 @@ from hosts import cannot_create_namespaces
 from slurm_cluster import SHARED, SlurmCluster, missing_binaries
 from util.checkpoint import list_checkpoints
 
-# 2 epochs x 8 steps of 2 tasks x 8 images, a checkpoint after every step.
+# 2 epochs x 8 steps of 2 tasks x 8 images, a checkpoint after every step; every epoch's
+# checkpoint is kept (checkpoint-0.pth: the start of the --resume job).
 RUN = TINY + ["--batch_size", "8", "--synthetic_size", "128", "--epochs", "2", "--save_every_steps", "1",
-              "--keep_last", "3"]
+              "--keep_last", "3", "--save_every", "1"]
 # CPU tasks, one per host: the documented way to submit without GPUs.
 LAUNCH = ["--nodes", "2", "--gpus_per_node", "0", "--tasks_per_node", "1", "--cpus_per_task", "1",
           "--time", "20:00"]
@@ -59,9 +61,9 @@ def new_out(cluster, name):
     return os.path.join(tempfile.mkdtemp(prefix=f"{name}-", dir=cluster.root), "run")
 
 
-def submit(cluster, out, *launch):
+def submit(cluster, out, *launch, extra=()):
     proc = cluster.run(sys.executable, os.path.join(REPO, "submit_slurm.py"), *(launch or LAUNCH), "--",
-                       "main_pretrain.py", *RUN, "--output_dir", out, check=False, timeout=300)
+                       "main_pretrain.py", *RUN, "--output_dir", out, *extra, check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
 
@@ -139,27 +141,53 @@ def test_plain_srun_on_two_hosts_derives_the_master_and_matches(cluster, uninter
     assert_same_weights(final_model(uninterrupted[1]), final_model(out))
 
 
-def test_pretrain_sh_under_sbatch_on_two_hosts(cluster):
+# PRETRAIN.md's sbatch lines for pretrain.sh, with the CPU tasks of this cluster
+PRETRAIN_SH_SBATCH = """#!/bin/bash
+#SBATCH --nodes=2 --ntasks-per-node=1 --cpus-per-task=2
+#SBATCH --signal=USR1@120 --requeue --open-mode=append
+#SBATCH --output={out}/%j.out
+srun --kill-on-bad-exit=1 --cpus-per-task=2 bash {repo}/pretrain.sh {args} --output_dir {out}
+"""
+PRETRAIN_SH_ENV = {"RECIPE": "mae", "GPUS_PER_NODE": "1", "EFF_BATCH": "16", "PYTHON": sys.executable}
+
+
+def sbatch(cluster, script, text, env):
+    with open(script, "w") as f:
+        f.write(text)
+    return re.search(r"Submitted batch job (\d+)", cluster.run("sbatch", script, env=env).stdout).group(1)
+
+
+def submit_pretrain_sh(cluster, name):
+    out = new_out(cluster, name)
+    os.makedirs(out)
+    job = sbatch(cluster, os.path.join(out, "job.sbatch"),
+                 PRETRAIN_SH_SBATCH.format(out=out, repo=REPO, args=" ".join(RUN)), PRETRAIN_SH_ENV)
+    return job, out
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def pretrain_sh_uninterrupted(cluster):
+    job, out = submit_pretrain_sh(cluster, "pretrain_sh")
+    return job, out, cluster.wait_done(job)
+
+
+def test_pretrain_sh_under_sbatch_on_two_hosts(cluster, pretrain_sh_uninterrupted):
     """PRETRAIN.md's SLURM command: pretrain.sh once per host (srun), torchrun's master
     and port from the allocation, the effective batch printed and kept."""
-    out = new_out(cluster, "pretrain_sh")
-    os.makedirs(out)
-    script = os.path.join(out, "job.sbatch")
-    with open(script, "w") as f:
-        f.write("#!/bin/bash\n#SBATCH --nodes=2 --ntasks-per-node=1 --cpus-per-task=2\n"
-                f"#SBATCH --output={out}/%j.out\n"
-                f"srun --kill-on-bad-exit=1 bash {REPO}/pretrain.sh {' '.join(RUN)} --output_dir {out}\n")
-    env = {"RECIPE": "mae", "GPUS_PER_NODE": "1", "EFF_BATCH": "16", "PYTHON": sys.executable}
-    job = re.search(r"Submitted batch job (\d+)", cluster.run("sbatch", script, env=env).stdout).group(1)
-    info = cluster.wait_done(job)
-    with open(os.path.join(out, f"{job}.out")) as f:
-        log = f.read()
+    job, out, info = pretrain_sh_uninterrupted
+    log = read(os.path.join(out, f"{job}.out"))
     assert info["JobState"] == "COMPLETED", f"{info}\n{log}"
     port = 15000 + int(job) % 10000
     plan = f"effective batch 16 = 8 per GPU x 2 GPUs (2 nodes x 1) x accum 1; torchrun rendezvous at node1:{port}"
     assert log.count(plan) == 2 and "this is node 0" in log and "this is node 1" in log, log
     assert_one_rank_per_host(log)
     assert os.path.exists(os.path.join(out, "checkpoint-1.pth"))
+    env = PRETRAIN_SH_ENV
 
     # one launcher per node, not per task: refused at once
     proc = cluster.run("srun", "--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "bash",
@@ -217,6 +245,107 @@ def test_preemption_signal_saves_and_job_requeues_itself(cluster, uninterrupted)
     assert_finished(info, 1, log)  # only the job itself asked for the requeue (rank 0's scontrol requeue)
     assert preempted_then_resumed(log) > seen
     assert_same_weights(final_model(uninterrupted[1]), final_model(out))
+
+
+def test_pretrain_sh_preempted_by_its_signal_resumes_to_the_uninterrupted_weights(
+        cluster, pretrain_sh_uninterrupted):
+    """The documented sbatch lines (--signal=USR1@120 --requeue): the time-limit warning
+    reaches the workers through bash and torchrun (which would die of it), they save,
+    rank 0 requeues the job, and the requeued job resumes to the uninterrupted weights."""
+    job, out = submit_pretrain_sh(cluster, "pretrain_sh_usr1")
+    seen = wait_for_position(out, (0, 1))
+    cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends 120 s before the limit
+    info = cluster.wait_done(job)
+    log = read(os.path.join(out, f"{job}.out"))
+    assert_finished(info, 1, log)
+    assert preempted_then_resumed(log) > seen
+    assert_same_weights(final_model(pretrain_sh_uninterrupted[1]), final_model(out))
+
+
+def test_two_single_node_jobs_on_one_node_at_once(cluster):
+    """Two 1-node pretrain.sh jobs share node1 (1 CPU each): each torchrun rendezvous
+    gets its own port (both had 127.0.0.1:29500: the second failed with EADDRINUSE)."""
+    root = tempfile.mkdtemp(prefix="shared_node-", dir=cluster.root)
+    env = {**PRETRAIN_SH_ENV, "EFF_BATCH": "8"}
+    jobs = []
+    for name in ("a", "b"):
+        out = os.path.join(root, name)
+        os.makedirs(out)
+        text = (f"#!/bin/bash\n#SBATCH --nodes=1 --ntasks=1 --cpus-per-task=1 --nodelist=node1\n"
+                f"#SBATCH --output={out}/%j.out\n"
+                f"srun --cpus-per-task=1 bash {REPO}/pretrain.sh {' '.join(RUN)} --output_dir {out}\n")
+        jobs.append((sbatch(cluster, os.path.join(out, "job.sbatch"), text, env), out))
+    infos = [cluster.wait_done(job) for job, _ in jobs]
+    ports = []
+    for (job, out), info in zip(jobs, infos):
+        log = read(os.path.join(out, f"{job}.out"))
+        assert info["JobState"] == "COMPLETED" and info["NodeList"] == "node1", f"{info}\n{log}"
+        port = 15000 + int(job) % 10000
+        assert f"x accum 1; torchrun rendezvous at 127.0.0.1:{port}, this is node 0" in log, log
+        ports.append(port)
+    assert ports[0] != ports[1]
+    assert infos[1]["StartTime"] < infos[0]["EndTime"], infos  # they ran at the same time
+    assert_same_weights(final_model(jobs[0][1]), final_model(jobs[1][1]))
+
+
+def test_requeued_resume_job_continues_from_its_own_checkpoints(cluster, uninterrupted):
+    """A job started with --resume X, requeued twice: each time it continues from its own
+    newest checkpoint (not X again) and ends at the uninterrupted run's weights. Its
+    --output_dir has a space (the #SBATCH log lines are quoted)."""
+    out = os.path.join(tempfile.mkdtemp(prefix="resume-", dir=cluster.root), "my run")
+    start = os.path.join(uninterrupted[1], "checkpoint-0.pth")
+    job = submit(cluster, out, extra=["--resume", start])
+    seen = (1, 0)
+    for restarts in (1, 2):
+        seen = wait_for_position(out, (seen[0], seen[1] + 1))
+        cluster.run("scontrol", "requeue", job)
+        cluster.wait_job(job, lambda i, r=restarts: i["Restarts"] == str(r) and i["JobState"] == "RUNNING",
+                         timeout=300)
+        seen = max(seen, wait_for_position(out, seen))
+    info = cluster.wait_done(job)
+    log = job_log(out, job)
+    assert_finished(info, 2, log)
+    resumed = re.findall(rf"--resume {re.escape(start)} started this run; continuing from its newest "
+                         rf"checkpoint \S+ run/checkpoint-1-step(\d+)\.pth", log)
+    assert len(resumed) == 2 and int(resumed[0]) < int(resumed[1]), log
+    assert_same_weights(final_model(uninterrupted[1]), final_model(out))
+
+
+def test_frozen_host_ends_the_job_within_the_timeout_and_the_requeued_job_resumes(cluster, uninterrupted):
+    """Every process of node2 stopped (SIGSTOP, its slurmd too: a host that hangs, no
+    connection closes): the task on node1 gives up after --dist_timeout (0.5 min here)
+    with one line naming the wait; SLURM sets node2 DOWN and requeues the job, which
+    resumes on node1 and node3 to the uninterrupted weights. node2 is killed and booted
+    again afterwards."""
+    out = new_out(cluster, "frozen")
+    job = submit(cluster, out, extra=["--dist_timeout", "0.5"])
+    seen = wait_for_position(out, (0, 2))
+    assert training_tasks(cluster, "node1")
+    frozen = cluster.hosts.pids("node2")
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        while training_tasks(cluster, "node1"):
+            assert time.time() - t0 < 120, "the task on node1 still runs 120 s after node2 froze"
+            time.sleep(0.2)
+        ended = time.time() - t0
+        print(f"task on node1 ended {ended:.1f} s after node2 froze")
+        assert ended > 25, ended  # it waited out the timeout: nothing told it the peer was gone
+        cluster.wait_job(job, lambda i: i["Restarts"] == "1", timeout=240)
+        info = cluster.wait_done(job)
+    finally:
+        cluster.kill_host("node2")  # SIGKILL ends stopped processes too
+    log = job_log(out, job)
+    err = read(os.path.join(out, "slurm", f"{job}.err"))
+    assert re.search(r"^error: rank 0: a collective \w+ waited 30 s \(--dist_timeout\) for another rank",
+                     err, re.M) and "Traceback" not in err, err
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log}"
+    assert info["NodeList"] == "node[1,3]", info
+    m = re.search(r"resumed from \S+/checkpoint-(\d+)-step(\d+)\.pth; starting at epoch \d+ step \d+", log)
+    assert m and (int(m.group(1)), int(m.group(2))) >= seen, log
+    assert_same_weights(final_model(uninterrupted[1]), final_model(out))
+    cluster.boot_host("node2")  # ReturnToService=2: DOWN until its slurmd registers again
 
 
 def training_tasks(cluster, host):
