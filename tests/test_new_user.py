@@ -160,7 +160,7 @@ def test_submit_slurm_output_dir_with_equals_is_made_absolute(tmp_path):
     srun = [line for line in proc.stdout.splitlines() if line.startswith("srun ")][0]
     assert (f"--output_dir={tmp_path}/rel/run --resume={tmp_path}/ck.pth --data_path {tmp_path}/data"
             in srun), srun
-    assert f"#SBATCH --output={tmp_path}/rel/run/slurm/%j.out" in proc.stdout.splitlines()
+    assert f'#SBATCH --output="{tmp_path}/rel/run/slurm/%j.out"' in proc.stdout.splitlines()
 
 
 @pytest.mark.parametrize("script,extra,fragment", [
