@@ -6,7 +6,6 @@ converted to tar shards by make_shards.py (util.shards, recognised by its index)
 CIFAR-10/100 from torchvision's local files (never downloaded), and a built-in
 synthetic labelled set used when no data path is given.
 """
-import io
 import math
 import os
 import random
@@ -21,8 +20,9 @@ from torchvision.transforms import functional as F
 from util.dist import get_rank, get_world_size
 from util.errors import UserError
 from util.jpeg import DecodeCrop
-from util.sources import ListedImages, holdout_split, list_images, names_digest, read_file_list
-from util.shards import ShardImageFolder, is_shard_split, read_bytes, unfinished_conversion
+from util.sources import (PIL_MAX_PIXELS, ImageReader, ListedImages, holdout_split, list_images, names_digest,
+                          read_file_list)
+from util.shards import ShardImageFolder, is_shard_split, unfinished_conversion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,12 +74,19 @@ class MAERandomResizedCrop(transforms.RandomResizedCrop):
 
 
 # ---- sources -----------------------------------------------------------------
-def checked_loader(path):
-    """PIL loader (of a file or a util.shards.Member) whose failure names it (one line)."""
-    try:
-        return Image.open(io.BytesIO(read_bytes(path))).convert("RGB")
-    except Exception as e:  # truncated, not an image, unreadable
-        raise UserError(f"cannot read image {path}: {e}") from None
+# PIL loader (of a file or a util.shards.Member) whose failure names it (one line): an
+# ImageFolder's, convert('RGB') as it always was; build_dataset swaps in the source's reader
+checked_loader = ImageReader(any_mode=False)
+
+
+def image_reader(args):
+    """The util.sources.ImageReader of the source in `args`, shared by every decode path:
+    to_rgb for unlabeled trees and file lists (and shards made from them, read with --labels
+    none), an ImageFolder's convert('RGB') otherwise; --exif_transpose, --max_image_pixels."""
+    path = args.data_path
+    listed = path is not None and (os.path.isfile(path) or getattr(args, "labels", "folders") == "none")
+    return ImageReader(any_mode=listed, exif_transpose=getattr(args, "exif_transpose", False),
+                       max_pixels=getattr(args, "max_image_pixels", PIL_MAX_PIXELS))
 
 
 class SubsetImageFolder(datasets.ImageFolder):
@@ -161,6 +168,9 @@ def build_dataset(args, split, transform, loader=None):
     """split: 'train' or 'val'. Chooses the source from args.dataset / args.data_path.
     `loader` replaces the ImageFolder's file loader (util.gpu_aug.read_encoded)."""
     kind = source_kind(args)
+    if kind == "imagefolder":  # every decode path with the source's rules (util.sources.ImageReader)
+        reader = image_reader(args)
+        loader = reader if loader is None else loader.using(reader) if hasattr(loader, "using") else loader
     if kind == "synthetic":
         n = args.synthetic_size if split == "train" else max(args.synthetic_size // 4, 1)
         return SyntheticImages(n, args.nb_classes or 10, args.input_size, split, args.seed, transform)
@@ -182,7 +192,7 @@ def build_dataset(args, split, transform, loader=None):
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist: data_path must hold train/ and val/ folders")
     if is_shard_split(root):
-        return ShardImageFolder(root, transform, read_class_subset(args.class_subset), loader or checked_loader)
+        return ShardImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     try:
         return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     except FileNotFoundError as e:  # no class folders (tar shards without an index?), or a class folder without images
