@@ -1,4 +1,6 @@
 """util/sources.py: unlabeled trees, file lists, the held-out split and image modes."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -337,3 +339,54 @@ def test_a_decompression_bomb_stops_pretraining_with_one_line(tmp_path):
     proc = run_script("main_pretrain.py", *TINY, "--batch_size", "2", "--data_path", tmp_path / "d",
                       "--labels", "none", "--max_image_pixels", "500", "--output_dir", tmp_path / "o")
     assert_one_line_error(proc, "cannot read image", "0.jpg", "--max_image_pixels")
+
+
+# ---- --skip_bad_images ------------------------------------------------------------------
+def tree_with_a_truncated_jpeg(root, n=16):
+    """train/ of n JPEGs in nested folders (the 6th truncated) and val/; returns the bad path."""
+    for i in range(n):
+        path = root / "train" / f"d{i % 3}" / f"{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), (i * 15, 255 - i * 15, 99)).save(path)
+    (root / "val").mkdir()
+    Image.new("RGB", (40, 40)).save(root / "val" / "v.png")
+    bad = sorted((root / "train").rglob("*.jpg"))[5]
+    bad.write_bytes(bad.read_bytes()[:150])
+    return bad
+
+
+def test_a_skipped_bad_image_is_the_next_indexs_sample(tmp_path):
+    from util.datasets import EpochSeeded, build_train_set, pretrain_transform
+    from util.errors import BadImage
+    bad = tree_with_a_truncated_jpeg(tmp_path)
+    args = pretrain_args(tmp_path, "--labels", "none")
+    dataset, _ = build_train_set(args, pretrain_transform(32))
+    i = [p for p, _ in dataset.samples].index(str(bad))
+    with pytest.raises(BadImage, match=f"cannot read image {re.escape(str(bad))}"):
+        EpochSeeded(dataset, seed=0, mask_patches=64)[(1, i)]
+    skipping = EpochSeeded(dataset, seed=0, mask_patches=64, skip_bad=True)
+    got, want = skipping[(1, i)], skipping[(1, i + 1)]
+    assert torch.equal(got[0], want[0]) and got[1] == want[1] == -1 and torch.equal(got[2], want[2])
+    assert skipping.skipped.value == 1
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_skip_bad_images_counts_them_in_log_txt(tmp_path, ranks):
+    """A truncated JPEG in the tree: one line naming it, the run goes on, log.txt counts it
+    each epoch (summed over ranks: one rank read it) and two runs end at the same weights."""
+    import json
+    from conftest import TINY, run_script
+    bad = tree_with_a_truncated_jpeg(tmp_path / "d")
+    flags = [*TINY, "--batch_size", str(8 // ranks), "--epochs", "2", "--data_path", tmp_path / "d",
+             "--labels", "none", "--skip_bad_images", "--num_workers", "1"]
+    weights = []
+    for run in ("a", "b"):
+        proc = run_script("main_pretrain.py", *flags, "--output_dir", tmp_path / run, torchrun=ranks)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if "skipped (--skip_bad_images)" in line]
+        assert len(lines) == 2 and all(f"cannot read image {bad}" in line for line in lines), proc.stderr
+        stats = [json.loads(line) for line in (tmp_path / run / "log.txt").read_text().splitlines()]
+        assert [s["train_skipped_images"] for s in stats] == [1, 1]
+        assert "epoch 1: 1 unreadable training images skipped" in proc.stdout
+        weights.append(torch.load(tmp_path / run / "checkpoint-1.pth", weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -7,8 +7,10 @@ CIFAR-10/100 from torchvision's local files (never downloaded), and a built-in
 synthetic labelled set used when no data path is given.
 """
 import math
+import multiprocessing
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -17,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
-from util.dist import get_rank, get_world_size
-from util.errors import UserError
+from util.dist import all_reduce_sum, get_rank, get_world_size
+from util.errors import BadImage, UserError
 from util.jpeg import DecodeCrop
 from util.sources import (PIL_MAX_PIXELS, ImageReader, ListedImages, holdout_split, list_images, names_digest,
                           read_file_list)
@@ -277,7 +279,8 @@ def train_loader(dataset, args, seed, collate_fn=None, mask_patches=0):
         collate_fn = NoiseLast(collate_fn)
     # The loader's own generator: creating an iterator then draws nothing from the
     # global RNG, so a resumed run's random draws match.
-    loader = DataLoader(EpochSeeded(dataset, seed, mask_patches), sampler=sampler, batch_size=args.batch_size,
+    skip_bad = getattr(args, "skip_bad_images", False)
+    loader = DataLoader(EpochSeeded(dataset, seed, mask_patches, skip_bad), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(seed))
@@ -318,6 +321,17 @@ class NormalizeOnDevice:
             yield (images.float() - self.mean) / self.std, *rest
 
 
+def skipped_images(loader):
+    """Training samples replaced since the last call (--skip_bad_images), summed over ranks;
+    call on every rank. `loader`: train_loader's, or a wrapper with a .loader."""
+    while not isinstance(loader, DataLoader):
+        loader = loader.loader
+    counter = loader.dataset.skipped
+    with counter.get_lock():  # the workers are idle between epochs: nothing is lost
+        n, counter.value = counter.value, 0
+    return int(all_reduce_sum(torch.tensor(n)).item())
+
+
 def on_device(loader, normalize, device):
     """The loader as build_train_set's `normalize` asks: unchanged, or NormalizeOnDevice."""
     return loader if normalize is None else NormalizeOnDevice(loader, device, *normalize)
@@ -339,15 +353,33 @@ class EpochSeeded(Dataset):
     word of the same seed sequence, so the mask too follows the sample, not the rank.
     """
 
-    def __init__(self, dataset, seed, mask_patches=0):
+    def __init__(self, dataset, seed, mask_patches=0, skip_bad=False):
         self.dataset, self.seed, self.mask_patches = dataset, seed, mask_patches
         self.classes = getattr(dataset, "classes", None)
+        # --skip_bad_images: samples replaced, counted across the loader's worker processes
+        self.skipped = multiprocessing.Value("q", 0) if skip_bad else None
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        """Sample (epoch, index); with skip_bad, an unreadable image's sample is the next
+        readable index's (its own seed too): the same replacement at any world size, on resume."""
         epoch, index = key
+        for step in range(len(self.dataset)):
+            try:
+                return self.sample(epoch, (index + step) % len(self.dataset))
+            except BadImage as e:
+                if self.skipped is None:
+                    raise
+                if step == 0:  # counted once per sample (a bad replacement counts as its own sample)
+                    with self.skipped.get_lock():
+                        self.skipped.value += 1
+                    # every rank's own line (print is rank 0's only, util.dist)
+                    sys.stderr.write(f"skipped (--skip_bad_images): {e}\n")
+        raise UserError(f"--skip_bad_images: no image of the {len(self.dataset)} could be read")
+
+    def sample(self, epoch, index):
         s, mask_seed = (int(x) for x in np.random.SeedSequence([self.seed, epoch, index]).generate_state(2))
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only

@@ -70,7 +70,8 @@ class EncodedImage:
     decoded. `reader` (util.sources.ImageReader) holds the rules every decode path shares:
     mode conversion, EXIF orientation, the decompression-bomb limit."""
 
-    def __init__(self, path, reader):
+    def __init__(self, path, reader=None):
+        reader = reader or ImageReader(any_mode=False)
         self.raw = raw = read_bytes(path)  # a file, or a shard's util.shards.Member
         self.name, self.reader, self.turbo = path, reader, None
         try:
