@@ -81,14 +81,19 @@ class MAERandomResizedCrop(transforms.RandomResizedCrop):
 checked_loader = ImageReader(any_mode=False)
 
 
-def image_reader(args):
+def image_reader(args, listed=False):
     """The util.sources.ImageReader of the source in `args`, shared by every decode path:
-    to_rgb for unlabeled trees and file lists (and shards made from them, read with --labels
-    none), an ImageFolder's convert('RGB') otherwise; --exif_transpose, --max_image_pixels."""
+    to_rgb for unlabeled trees and file lists (`listed`: shards made from them), an
+    ImageFolder's convert('RGB') otherwise; --exif_transpose, --max_image_pixels."""
     path = args.data_path
-    listed = path is not None and (os.path.isfile(path) or getattr(args, "labels", "folders") == "none")
+    listed = listed or path is not None and (os.path.isfile(path) or getattr(args, "labels", "folders") == "none")
     return ImageReader(any_mode=listed, exif_transpose=getattr(args, "exif_transpose", False),
                        max_pixels=getattr(args, "max_image_pixels", PIL_MAX_PIXELS))
+
+
+def with_reader(loader, reader):
+    """`loader` (None: the reader itself) decoding by `reader`'s rules, where it takes them."""
+    return reader if loader is None else loader.using(reader) if hasattr(loader, "using") else loader
 
 
 class SubsetImageFolder(datasets.ImageFolder):
@@ -170,9 +175,10 @@ def build_dataset(args, split, transform, loader=None):
     """split: 'train' or 'val'. Chooses the source from args.dataset / args.data_path.
     `loader` replaces the ImageFolder's file loader (util.gpu_aug.read_encoded)."""
     kind = source_kind(args)
+    if kind == "imagefolder" and args.data_path is not None and is_shard_split(os.path.join(args.data_path, "train")):
+        return build_shards(args, split, transform, loader)
     if kind == "imagefolder":  # every decode path with the source's rules (util.sources.ImageReader)
-        reader = image_reader(args)
-        loader = reader if loader is None else loader.using(reader) if hasattr(loader, "using") else loader
+        loader = with_reader(loader, image_reader(args))
     if kind == "synthetic":
         n = args.synthetic_size if split == "train" else max(args.synthetic_size // 4, 1)
         return SyntheticImages(n, args.nb_classes or 10, args.input_size, split, args.seed, transform)
@@ -193,8 +199,6 @@ def build_dataset(args, split, transform, loader=None):
     root = os.path.join(args.data_path, split)
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist: data_path must hold train/ and val/ folders")
-    if is_shard_split(root):
-        return ShardImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     try:
         return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     except FileNotFoundError as e:  # no class folders (tar shards without an index?), or a class folder without images
@@ -213,12 +217,38 @@ def build_listed(args, split, transform, loader=None):
         return ListedImages(list_images(os.path.join(path, split)), None, transform, loader)
     else:
         paths, labels = list_images(path), None
-    train, held = holdout_split(paths, args.holdout)
     base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # digest not tied to the mount
-    if split == "train":
-        print(f"held out {len(held)} of {len(paths)} images for val "
-              f"(sha256 of their names {names_digest([os.path.relpath(paths[i], base) for i in held])})")
+    train, held = held_out(args, split, [os.path.relpath(p, base) for p in paths])
     return ListedImages(paths, labels, transform, loader).subset(train if split == "train" else held)
+
+
+def held_out(args, split, names):
+    """(train, held) indices of the sorted names (util.sources.holdout_split), stated once."""
+    train, held = holdout_split(names, args.holdout)
+    if split == "train":
+        print(f"held out {len(held)} of {len(names)} images for val "
+              f"(sha256 of their names {names_digest([names[i] for i in held])})")
+    return train, held
+
+
+def build_shards(args, split, transform, loader):
+    """A make_shards.py root: train/ and val/ as converted, or train/ alone (shards of a file
+    list or of a tree without val/), whose val is held out as build_listed does; the names
+    are those of the source, so the split and its digest are the source's. --labels none:
+    label -1 throughout; shards of an unlabeled source need it."""
+    path, unlabeled = args.data_path, getattr(args, "labels", "folders") == "none"
+    has_val = is_shard_split(os.path.join(path, "val"))
+    root = os.path.join(path, split if has_val else "train")
+    ds = ShardImageFolder(root, transform, read_class_subset(args.class_subset))
+    ds.loader = with_reader(loader, image_reader(args, listed=ds.listed))
+    if unlabeled:
+        ds = ds.unlabeled()
+    elif not ds.classes:
+        raise UserError(f"{root}: shards of an unlabeled source (no classes): use --labels none")
+    if has_val:
+        return ds
+    train, held = held_out(args, split, [n for n, _ in ds.samples])
+    return ds.subset(train if split == "train" else held)
 
 
 def build_train_set(args, transform):
