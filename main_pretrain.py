@@ -22,7 +22,7 @@ from util import preempt
 from util.amp import grad_scaler, set_tf32
 from util.cli import Parser, add_bool, add_common_args, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import (build_dataset, build_train_set, check_nb_classes, eval_loader, eval_transform,
-                           on_device, pretrain_transform, train_loader)
+                           on_device, pretrain_transform, skipped_images, train_loader)
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError, exit_on_user_error
 from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_encoded
@@ -190,6 +190,9 @@ def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run
         stats = {f"train_{k}": v for k, v in train_one_epoch(
             model, features, loader, optimizer, scaler, device, epoch, run, saver, args,
             log_writer).items()}
+        if args.skip_bad_images:
+            stats["train_skipped_images"] = skipped_images(loader)
+            print(f"epoch {epoch}: {stats['train_skipped_images']} unreadable training images skipped (--skip_bad_images)")
         last = epoch + 1 == args.epochs
         if args.val_interval and ((epoch + 1) % args.val_interval == 0 or last):
             if args.online_probe:  # needs labels; the diagnostics below do not

@@ -1,8 +1,15 @@
-"""Convert an ImageFolder root (train/ and val/) into tar shards that every entry point reads
-with `--data_path SHARD_ROOT` (the layout and the reader: util/shards.py).
+"""Convert an ImageFolder root (train/ and val/), a folder of unlabeled images (--labels none)
+or a file list into tar shards that every entry point reads with `--data_path SHARD_ROOT`
+(the layout and the reader: util/shards.py).
 
     python make_shards.py --src /data/imagenet --dst /lustre/$USER/imagenet-shards
     python make_shards.py --src /data/imagenet --dst /lustre/$USER/imagenet-shards --verify_only
+    python make_shards.py --src /data/photos --labels none --dst /lustre/$USER/photo-shards
+    python make_shards.py --src /data/subset.txt --dst /lustre/$USER/subset-shards
+
+An unlabeled tree without train/ and val/, or a file list, becomes one split, train/, in the
+listing's order (util.sources: sorted files; the list's lines), names relative to --src (the
+list's folder): training holds out val from it exactly as from the source itself.
 
 Each image keeps its file's bytes, in the ImageFolder's order (sorted classes, then sorted
 files). Interrupted, it resumes: a shard is written as NAME.tmp and renamed when complete,
@@ -28,13 +35,18 @@ from util.cli import add_bool
 from util.errors import UserError, exit_on_user_error
 from util.shards import (BLOCK, FORMAT, INDEX, SHARD_FILE, ShardImageFolder, load_index, member_names, padded,
                          read_bytes)
+from util.sources import list_images, read_file_list
 
 SETTINGS = "make_shards.json"  # beside index.json: what the split's shards were converted with
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("ImageFolder to tar shards", add_help=True)
-    p.add_argument("--src", required=True, help="ImageFolder root with train/ and val/")
+    p.add_argument("--src", required=True, help="ImageFolder root with train/ and val/, a folder of images "
+                   "(--labels none), or a file list (a text file: path [integer label] per line)")
+    p.add_argument("--labels", default="folders", choices=["folders", "none"],
+                   help="as main_pretrain's: folders = class folders give labels; none = every image below --src "
+                   "(in train/ and val/ if it has them), label -1")
     p.add_argument("--dst", required=True, help="shard root to write (SHARD_ROOT/{train,val}/)")
     p.add_argument("--splits", nargs="+", default=["train", "val"])
     p.add_argument("--shard_mb", type=float, default=256, help="shard size in MB (a shard holds one image at least)")
@@ -45,16 +57,37 @@ def get_args_parser():
     return p
 
 
-def source_samples(src, split):
-    """(split folder, classes, [(name relative to it, label)]) in torchvision's ImageFolder order."""
+def source_samples(src, split, labels="folders"):
+    """(split folder, classes, [(name relative to it, label)]): torchvision's ImageFolder order,
+    or util.sources' listing of an unlabeled tree or a file list (label -1 when unlabeled)."""
+    if os.path.isfile(src) or labels == "none":
+        return listed_samples(src, split)
     root = os.path.join(src, split)
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist: --src must hold {split}/")
     try:
         folder = datasets.ImageFolder(root)
     except FileNotFoundError as e:  # no class folders, or a class folder without images
-        raise UserError(f"{root}: {e}") from None
+        raise UserError(f"{root}: {e} (images without class folders: use --labels none)") from None
     return root, folder.classes, [(os.path.relpath(p, root), t) for p, t in folder.samples]
+
+
+def one_split(src):
+    """Whether --src makes train/ alone: a file list, or a tree without train/ and val/."""
+    return os.path.isfile(src) or not all(os.path.isdir(os.path.join(src, s)) for s in ("train", "val"))
+
+
+def listed_samples(src, split):
+    """source_samples of a file list or an unlabeled tree, as training lists it (util.sources)."""
+    if os.path.isfile(src):
+        root = os.path.dirname(os.path.abspath(src))
+        paths, labels = read_file_list(src)
+    else:
+        root = src if one_split(src) else os.path.join(src, split)
+        paths, labels = list_images(root), None
+    classes = [] if labels is None else [str(c) for c in range(max(labels) + 1)]
+    return root, classes, [(os.path.relpath(p, root), -1 if labels is None else t)
+                           for p, t in zip(paths, labels or [None] * len(paths))]
 
 
 def add_member(tar, name, raw):
@@ -170,8 +203,8 @@ def claim(out, settings, rebuild):
     os.replace(os.path.join(out, SETTINGS + ".tmp"), os.path.join(out, SETTINGS))
 
 
-def convert_split(src, dst, split, limit, rebuild=False):
-    root, classes, samples = source_samples(src, split)
+def convert_split(src, dst, split, limit, rebuild=False, labels="folders"):
+    root, classes, samples = source_samples(src, split, labels)
     out = os.path.join(dst, split)
     os.makedirs(out, exist_ok=True)
     claim(out, conversion(root, classes, samples, limit), rebuild)
@@ -201,15 +234,17 @@ def convert_split(src, dst, split, limit, rebuild=False):
             shards.append(entry)
             start = end
     index = {"wids_version": 1, "name": split, "format": FORMAT, "classes": classes, "shardlist": shards}
+    if os.path.isfile(src) or labels == "none":  # training decodes them as it does the source (util.sources.to_rgb)
+        index["listed"] = True
     with open(os.path.join(out, INDEX + ".tmp"), "w") as f:
         json.dump(index, f)
     os.replace(os.path.join(out, INDEX + ".tmp"), os.path.join(out, INDEX))
     print(f"{split}: {len(samples)} images, {len(classes)} classes in {len(shards)} shards under {out}")
 
 
-def verify_split(src, dst, split):
+def verify_split(src, dst, split, labels="folders"):
     """Counts, classes, labels and every image's bytes of the shards against the source."""
-    root, classes, samples = source_samples(src, split)
+    root, classes, samples = source_samples(src, split, labels)
     out = os.path.join(dst, split)
     if not os.path.isfile(os.path.join(out, INDEX)):
         raise UserError(f"{out} has no {INDEX}: not converted (or the conversion did not finish)")
@@ -239,11 +274,18 @@ def verify_split(src, dst, split):
 def main(args):
     if args.shard_mb <= 0:
         raise UserError("--shard_mb must be positive")
-    for split in args.splits:
+    if not os.path.exists(args.src):
+        raise UserError(f"--src {args.src} does not exist")
+    splits = args.splits
+    if (os.path.isfile(args.src) or args.labels == "none") and one_split(args.src):
+        splits = ["train"]
+        print(f"{args.src}: {'a file list' if os.path.isfile(args.src) else 'no train/ and val/'}: one split, train/ "
+              "(training holds val out of it, --holdout)")
+    for split in splits:
         if not args.verify_only:
-            convert_split(args.src, args.dst, split, int(args.shard_mb * 2**20), args.rebuild)
+            convert_split(args.src, args.dst, split, int(args.shard_mb * 2**20), args.rebuild, args.labels)
         if args.verify or args.verify_only:
-            verify_split(args.src, args.dst, split)
+            verify_split(args.src, args.dst, split, args.labels)
 
 
 if __name__ == "__main__":

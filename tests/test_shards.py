@@ -531,3 +531,67 @@ def test_two_ranks_on_shards_end_with_the_weights_of_two_ranks_on_files(data, tm
         assert proc.returncode == 0, err[-3000:]
     final = [torch.load(tmp_path / n / "checkpoint-0.pth", weights_only=True)["model"] for n in ("files", "shards")]
     assert_same_weights(*final)
+
+
+# ---- shards of an unlabeled tree or a file list ---------------------------------------------
+def unlabeled_tree(root, n=22):
+    """A classless nested tree of JPEG, PNG (RGBA, grey) and WebP images, no train/ or val/."""
+    for i in range(n):
+        sub = root / f"d{i % 3}" / ("deep" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        img = photo(40 + i, 36, seed=i)
+        if i % 4 == 0:
+            img.putalpha(128)
+            img.save(sub / f"{i:02d}.png")
+        elif i % 4 == 1:
+            img.convert("L").save(sub / f"{i:02d}.webp")
+        else:
+            save(img, sub / f"{i:02d}.jpg")
+    return root
+
+
+def test_shards_of_an_unlabeled_tree_train_with_the_folders_losses(tmp_path, tiny_args):
+    """make_shards --labels none: one split, train/, in the folder's listing order; with
+    --labels none it trains as the folder does: the same held-out line, the same losses."""
+    src = unlabeled_tree(tmp_path / "src")
+    proc = convert(src, tmp_path / "shards", "--labels", "none", "--verify")
+    assert "one split, train/" in proc.stdout and "verified train: 22 images" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "shards")) == ["train"]
+    logs, held = {}, {}
+    for name, path in (("files", src), ("shards", tmp_path / "shards")):
+        out = tmp_path / name
+        proc = run_script("main_pretrain.py", *tiny_args, "--data_path", path, "--labels", "none", "--batch_size", "4",
+                          "--epochs", "2", "--num_workers", "1", "--output_dir", out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        held[name] = [line for line in proc.stdout.splitlines() if "held out" in line][0].split("] ", 1)[-1]
+        logs[name] = [json.loads(line)["train_loss"] for line in open(out / "log.txt")]
+    assert held["files"] == held["shards"] and "held out 1 of 22 images" in held["files"]
+    assert logs["files"] == logs["shards"] and len(logs["files"]) == 2
+    proc = run_script("main_pretrain.py", *tiny_args, "--data_path", tmp_path / "shards", "--output_dir", tmp_path / "o")
+    assert_one_line_error(proc, "shards of an unlabeled source", "use --labels none")
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_shards_of_a_file_list_give_the_lists_samples_and_batches(tmp_path, tiny_args, labelled):
+    from main_pretrain import build_train_loader, get_args_parser
+    from util.datasets import build_dataset
+    src = unlabeled_tree(tmp_path / "imgs")
+    files = sorted(p for p in src.rglob("*") if p.is_file())[::-1]  # a list's order is its own
+    (tmp_path / "lists").mkdir()
+    lines = [f"../imgs/{p.relative_to(src)}" + (f" {i % 3}" if labelled else "") for i, p in enumerate(files)]
+    lines[3] = f"{files[3]}" + (" 0" if labelled else "")  # an absolute path too
+    listed = tmp_path / "lists" / "l.txt"
+    listed.write_text("\n".join(lines) + "\n")
+    convert(listed, tmp_path / "shards", "--verify")
+    flags = [] if labelled else ["--labels", "none"]
+    got = {}
+    for name, path in (("list", listed), ("shards", tmp_path / "shards")):
+        args = get_args_parser().parse_args(tiny_args + ["--data_path", str(path), "--batch_size", "4",
+                                                         "--holdout", "0.2", *flags])
+        train = build_dataset(args, "train", None)
+        got[name + "_targets"] = train.targets
+        got[name + "_classes"] = len(train.classes)
+        got[name] = batches(build_train_loader(args, torch.device("cpu")))
+    assert got["list_targets"] == got["shards_targets"] and len(got["list_targets"]) == 18
+    assert got["list_classes"] == got["shards_classes"] == (3 if labelled else 0)
+    assert_same_batches(got["list"], got["shards"])

@@ -1,6 +1,9 @@
 """util/sources.py: unlabeled trees, file lists, the held-out split and image modes."""
+import re
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from util.errors import UserError
@@ -171,3 +174,219 @@ def test_unlabeled_tree_pretrains_on_two_ranks_with_the_same_held_out_split(tmp_
         stats = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
         assert stats and not any("loss_ce" in k for k in stats[-1])
     assert outs[1] and outs[1][0] == outs[2][0] and "held out 7 of 71 images" in outs[1][0]
+
+
+# ---- image modes, EXIF orientation and the size limit on every decode path -------------------
+MODES = {  # name -> (how PIL makes it, the RGB every path must give)
+    "rgb.jpg": (lambda s: Image.new("RGB", s, (10, 200, 30)), (10, 200, 30)),
+    "a/grey.png": (lambda s: Image.new("L", s, 77), (77, 77, 77)),
+    "a/b/cmyk.jpg": (lambda s: Image.new("CMYK", s, (0, 255, 0, 0)), (255, 0, 255)),
+    "a/b/cmyk.tiff": (lambda s: Image.new("CMYK", s, (0, 0, 255, 0)), (255, 255, 0)),
+    "pal.bmp": (lambda s: Image.new("RGB", s, (0, 0, 255)).convert("P", palette=Image.ADAPTIVE), (0, 0, 255)),
+    "c/clear.png": (lambda s: Image.new("RGBA", s, (255, 0, 0, 0)), (255, 255, 255)),  # alpha 0: the background
+    "c/half.webp": (lambda s: Image.new("RGBA", s, (0, 0, 0, 128)), (127, 127, 127)),
+    "c/d/deep16.png": (lambda s: Image.fromarray(np.full(s[::-1], 32768, np.uint16)), (128, 128, 128)),
+    "c/d/deep16.tif": (lambda s: Image.fromarray(np.full(s[::-1], 16384, np.uint16)), (64, 64, 64)),
+    "tiny.png": (lambda s: Image.new("RGB", (3, 2), (250, 5, 120)), (250, 5, 120)),  # smaller than the input
+    "tiny.jpg": (lambda s: Image.new("RGB", (5, 4), (40, 90, 160)), (40, 90, 160)),
+}
+
+
+def make_mode_tree(root, size=(40, 30)):
+    """train/ (every mode of MODES, nested) and val/; returns {path: expected RGB}."""
+    want = {}
+    for name, (make, rgb) in MODES.items():
+        path = root / "train" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kw = {"quality": 100, "subsampling": 0} if name.endswith(".jpg") else {"lossless": True} \
+            if name.endswith(".webp") else {}
+        make(size).save(path, **kw)
+        want[str(path)] = rgb
+    (root / "val").mkdir()
+    Image.new("RGB", size).save(root / "val" / "v.png")
+    return want
+
+
+def pretrain_args(data, *extra):
+    from conftest import TINY
+    from main_pretrain import get_args_parser
+    return get_args_parser().parse_args(TINY + ["--data_path", str(data), "--batch_size", "2", *extra])
+
+
+@pytest.mark.parametrize("fast", ["true", "false"])
+def test_every_mode_and_tiny_images_give_the_same_rgb_on_the_train_path(tmp_path, fast):
+    """The real train transform (build_train_set: DecodeCrop on the default path) of a nested
+    mixed-format tree: each uniform image stays its colour after crop and resize, as
+    util.sources.to_rgb says (the fast path once dropped alpha and clipped 16 bits)."""
+    from main_pretrain import build_train_loader
+    from util.datasets import IMAGENET_MEAN, IMAGENET_STD, build_train_set, pretrain_transform
+    from util.jpeg import DecodeCrop
+    want = make_mode_tree(tmp_path)
+    args = pretrain_args(tmp_path, "--labels", "none", "--fast_decode", fast)
+    dataset, normalize = build_train_set(args, pretrain_transform(32))
+    assert isinstance(dataset.loader, DecodeCrop) == (fast == "true")
+    assert len(dataset) == len(MODES)
+    for i, (path, _) in enumerate(dataset.samples):
+        torch.manual_seed(i)
+        x = dataset[i][0]
+        x = x.float() if normalize else x * torch.tensor(IMAGENET_STD)[:, None, None] * 255 \
+            + torch.tensor(IMAGENET_MEAN)[:, None, None] * 255
+        assert x.shape == (3, 32, 32), path
+        assert (x - torch.tensor(want[path], dtype=torch.float32)[:, None, None]).abs().max() <= 2.5, \
+            (path, x.mean((1, 2)))
+    loader = build_train_loader(args, torch.device("cpu"))  # and the loader runs through an epoch
+    assert sum(images.shape[0] for images, *_ in loader) == len(MODES) // 2 * 2
+
+
+def sideways_photo(path, fmt="JPEG"):
+    """Stored 64x48, left half red, right half blue, with EXIF orientation 6 (a phone held
+    upright): shown upright it is 48x64, red on top, blue below."""
+    a = np.zeros((48, 64, 3), np.uint8)
+    a[:, :32, 0], a[:, 32:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(path, format=fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    return str(path)
+
+
+def red_on_top(x):
+    """Whether a (3, H, W) crop of the whole sideways photo is red above and blue below."""
+    x = x.float()
+    top, bottom = x[:, :x.shape[1] // 2 - 2], x[:, x.shape[1] // 2 + 2:]
+    return bool(top[0].mean() > 200 and top[2].mean() < 50 and bottom[2].mean() > 200 and bottom[0].mean() < 50)
+
+
+def red_on_left(x):
+    return red_on_top(x.transpose(1, 2))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_on_every_decode_path_only_when_asked(tmp_path, fmt):
+    from torchvision import transforms
+    from torchvision.transforms.functional import pil_to_tensor
+    from util.datasets import build_dataset
+    from util.gpu_aug import read_encoded
+    from util.jpeg import DecodeCrop
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    path = sideways_photo(tmp_path / "data" / "train" / f"p.{fmt.lower()}", fmt)
+    whole = transforms.RandomResizedCrop(32, scale=(1, 1), ratio=(0.75, 0.75),  # all of the 48x64 upright photo
+                                         interpolation=transforms.InterpolationMode.BICUBIC)
+    for flag, upright in (("true", True), ("false", False)):
+        args = pretrain_args(tmp_path / "data", "--labels", "none", "--exif_transpose", flag)
+        plain = build_dataset(args, "train", None).loader
+        fast = build_dataset(args, "train", None, loader=DecodeCrop(whole)).loader
+        gpu = build_dataset(args, "train", None, loader=read_encoded).loader
+        img = plain(path)
+        assert img.size == ((48, 64) if upright else (64, 48))
+        data, height, width = gpu(path)
+        assert (height, width) == ((64, 48) if upright else (48, 64))
+        check = red_on_top if upright else red_on_left
+        assert check(pil_to_tensor(img)), flag
+        if upright:  # the GPU path's file bytes would reach nvJPEG, which knows no EXIF
+            assert data.shape == (3, 64, 48) and check(data)
+        torch.manual_seed(0)
+        out = fast(path)
+        assert out.shape == (3, 32, 32) and (not upright or check(out)), flag
+        crop = transforms.RandomResizedCrop(24, scale=(0.2, 1), interpolation=transforms.InterpolationMode.BICUBIC)
+        for seed in range(4):  # a random box: drawn on the upright size on both paths
+            torch.manual_seed(seed)
+            want = pil_to_tensor(crop(plain(path))).int()
+            torch.manual_seed(seed)
+            assert (DecodeCrop(crop).using(fast.reader)(path).int() - want).abs().max() <= 3, (flag, seed)
+
+
+def test_exif_transpose_is_off_by_default():
+    from main_pretrain import get_args_parser
+    assert get_args_parser().parse_args([]).exif_transpose is False
+
+
+def test_decompression_bomb_limit_is_one_line_naming_the_file_and_the_flag(tmp_path, capsys):
+    """--max_image_pixels 100: a 12x10 image (over the limit) decodes with one warning line,
+    a 20x16 one (over twice it, where PIL refuses) is one error naming it and the flag, on
+    the plain and the fast path alike (libjpeg-turbo itself has no such limit)."""
+    from torchvision import transforms
+    from util.datasets import build_dataset
+    from util.errors import BadImage
+    from util.jpeg import DecodeCrop
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    Image.new("RGB", (12, 10), (9, 9, 9)).save(tmp_path / "train" / "big.jpg")
+    Image.new("RGB", (20, 16), (9, 9, 9)).save(tmp_path / "train" / "huge.jpg")
+    Image.new("RGB", (20, 16)).save(tmp_path / "val" / "v.png")
+    crop = transforms.RandomResizedCrop(8, interpolation=transforms.InterpolationMode.BICUBIC)
+    args = pretrain_args(tmp_path, "--labels", "none", "--max_image_pixels", "100")
+    for loader in (None, DecodeCrop(crop)):
+        read = build_dataset(args, "train", None, loader=loader).loader
+        for _ in range(2):
+            read(str(tmp_path / "train" / "big.jpg"))
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "big.jpg: 12x10 pixels, over PIL's decompression-bomb limit of 100" in err[0]
+        with pytest.raises(BadImage, match=r"cannot read image .*huge\.jpg: 20x16 pixels, over twice "
+                           r".* limit of 100; raise it with --max_image_pixels"):
+            read(str(tmp_path / "train" / "huge.jpg"))
+    args = pretrain_args(tmp_path, "--labels", "none", "--max_image_pixels", "0")  # no limit
+    assert build_dataset(args, "train", None).loader(str(tmp_path / "train" / "huge.jpg")).size == (20, 16)
+
+
+def test_a_decompression_bomb_stops_pretraining_with_one_line(tmp_path):
+    from conftest import TINY, assert_one_line_error, run_script
+    for split in ("train", "val"):
+        (tmp_path / "d" / split).mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (40, 40), (i, 9, 9)).save(tmp_path / "d" / "train" / f"{i}.jpg")
+    Image.new("RGB", (40, 40)).save(tmp_path / "d" / "val" / "v.png")
+    proc = run_script("main_pretrain.py", *TINY, "--batch_size", "2", "--data_path", tmp_path / "d",
+                      "--labels", "none", "--max_image_pixels", "500", "--output_dir", tmp_path / "o")
+    assert_one_line_error(proc, "cannot read image", "0.jpg", "--max_image_pixels")
+
+
+# ---- --skip_bad_images ------------------------------------------------------------------
+def tree_with_a_truncated_jpeg(root, n=16):
+    """train/ of n JPEGs in nested folders (the 6th truncated) and val/; returns the bad path."""
+    for i in range(n):
+        path = root / "train" / f"d{i % 3}" / f"{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), (i * 15, 255 - i * 15, 99)).save(path)
+    (root / "val").mkdir()
+    Image.new("RGB", (40, 40)).save(root / "val" / "v.png")
+    bad = sorted((root / "train").rglob("*.jpg"))[5]
+    bad.write_bytes(bad.read_bytes()[:150])
+    return bad
+
+
+def test_a_skipped_bad_image_is_the_next_indexs_sample(tmp_path):
+    from util.datasets import EpochSeeded, build_train_set, pretrain_transform
+    from util.errors import BadImage
+    bad = tree_with_a_truncated_jpeg(tmp_path)
+    args = pretrain_args(tmp_path, "--labels", "none")
+    dataset, _ = build_train_set(args, pretrain_transform(32))
+    i = [p for p, _ in dataset.samples].index(str(bad))
+    with pytest.raises(BadImage, match=f"cannot read image {re.escape(str(bad))}"):
+        EpochSeeded(dataset, seed=0, mask_patches=64)[(1, i)]
+    skipping = EpochSeeded(dataset, seed=0, mask_patches=64, skip_bad=True)
+    got, want = skipping[(1, i)], skipping[(1, i + 1)]
+    assert torch.equal(got[0], want[0]) and got[1] == want[1] == -1 and torch.equal(got[2], want[2])
+    assert skipping.skipped.value == 1
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_skip_bad_images_counts_them_in_log_txt(tmp_path, ranks):
+    """A truncated JPEG in the tree: one line naming it, the run goes on, log.txt counts it
+    each epoch (summed over ranks: one rank read it) and two runs end at the same weights."""
+    import json
+    from conftest import TINY, run_script
+    bad = tree_with_a_truncated_jpeg(tmp_path / "d")
+    flags = [*TINY, "--batch_size", str(8 // ranks), "--epochs", "2", "--data_path", tmp_path / "d",
+             "--labels", "none", "--skip_bad_images", "--num_workers", "1"]
+    weights = []
+    for run in ("a", "b"):
+        proc = run_script("main_pretrain.py", *flags, "--output_dir", tmp_path / run, torchrun=ranks)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if "skipped (--skip_bad_images)" in line]
+        assert len(lines) == 2 and all(f"cannot read image {bad}" in line for line in lines), proc.stderr
+        stats = [json.loads(line) for line in (tmp_path / run / "log.txt").read_text().splitlines()]
+        assert [s["train_skipped_images"] for s in stats] == [1, 1]
+        assert "epoch 1: 1 unreadable training images skipped" in proc.stdout
+        weights.append(torch.load(tmp_path / run / "checkpoint-1.pth", weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

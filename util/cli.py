@@ -66,6 +66,14 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
     add_bool(g, "--fast_decode", True, "training images from files: libjpeg-turbo decode with the crop "
              "box drawn first, one vectorised resize, uint8 batches normalised on the device "
              "(util/jpeg.py); false = the plain PIL path")
+    add_bool(g, "--exif_transpose", False, "turn images upright by their EXIF orientation tag (phone photos), "
+             "on every decode path; off by default: it changes some ImageNet images (about 1 in 1000)")
+    g.add_argument("--max_image_pixels", default=89_478_485, type=int,
+                   help="PIL's decompression-bomb limit (its default): a warning line over it, an error naming "
+                   "the file over twice it; 0 = no limit")
+    add_bool(g, "--skip_bad_images", False, "an unreadable training image is skipped (replaced by the next "
+             "index's sample, one line naming it) and counted in log.txt (train_skipped_images); "
+             "default: the run stops with one line naming the file")
     add_bool(g, "--pin_mem", True, "pin CPU memory in the DataLoader")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
 
@@ -116,6 +124,8 @@ def check_common_args(args):
         raise UserError("--keep_last must be >= 1 and --nan_retries >= 0")
     if args.num_workers is not None and args.num_workers < 0:
         raise UserError("--num_workers must be >= 0")
+    if args.max_image_pixels < 0:
+        raise UserError(f"--max_image_pixels must be >= 0 (0: no limit), got {args.max_image_pixels}")
     check_output_dir(args.output_dir)
     if args.data_path is not None and not os.path.exists(args.data_path):
         raise UserError(f"data_path {args.data_path} does not exist (a folder, or a text file listing images)")

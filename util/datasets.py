@@ -6,10 +6,11 @@ converted to tar shards by make_shards.py (util.shards, recognised by its index)
 CIFAR-10/100 from torchvision's local files (never downloaded), and a built-in
 synthetic labelled set used when no data path is given.
 """
-import io
 import math
+import multiprocessing
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -18,11 +19,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
-from util.dist import get_rank, get_world_size
-from util.errors import UserError
+from util.dist import all_reduce_sum, get_rank, get_world_size
+from util.errors import BadImage, UserError
 from util.jpeg import DecodeCrop
-from util.sources import ListedImages, holdout_split, list_images, names_digest, read_file_list
-from util.shards import ShardImageFolder, is_shard_split, read_bytes, unfinished_conversion
+from util.sources import (PIL_MAX_PIXELS, ImageReader, ListedImages, holdout_split, list_images, names_digest,
+                          read_file_list)
+from util.shards import ShardImageFolder, is_shard_split, unfinished_conversion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,12 +76,24 @@ class MAERandomResizedCrop(transforms.RandomResizedCrop):
 
 
 # ---- sources -----------------------------------------------------------------
-def checked_loader(path):
-    """PIL loader (of a file or a util.shards.Member) whose failure names it (one line)."""
-    try:
-        return Image.open(io.BytesIO(read_bytes(path))).convert("RGB")
-    except Exception as e:  # truncated, not an image, unreadable
-        raise UserError(f"cannot read image {path}: {e}") from None
+# PIL loader (of a file or a util.shards.Member) whose failure names it (one line): an
+# ImageFolder's, convert('RGB') as it always was; build_dataset swaps in the source's reader
+checked_loader = ImageReader(any_mode=False)
+
+
+def image_reader(args, listed=False):
+    """The util.sources.ImageReader of the source in `args`, shared by every decode path:
+    to_rgb for unlabeled trees and file lists (`listed`: shards made from them), an
+    ImageFolder's convert('RGB') otherwise; --exif_transpose, --max_image_pixels."""
+    path = args.data_path
+    listed = listed or path is not None and (os.path.isfile(path) or getattr(args, "labels", "folders") == "none")
+    return ImageReader(any_mode=listed, exif_transpose=getattr(args, "exif_transpose", False),
+                       max_pixels=getattr(args, "max_image_pixels", PIL_MAX_PIXELS))
+
+
+def with_reader(loader, reader):
+    """`loader` (None: the reader itself) decoding by `reader`'s rules, where it takes them."""
+    return reader if loader is None else loader.using(reader) if hasattr(loader, "using") else loader
 
 
 class SubsetImageFolder(datasets.ImageFolder):
@@ -161,6 +175,10 @@ def build_dataset(args, split, transform, loader=None):
     """split: 'train' or 'val'. Chooses the source from args.dataset / args.data_path.
     `loader` replaces the ImageFolder's file loader (util.gpu_aug.read_encoded)."""
     kind = source_kind(args)
+    if kind == "imagefolder" and args.data_path is not None and is_shard_split(os.path.join(args.data_path, "train")):
+        return build_shards(args, split, transform, loader)
+    if kind == "imagefolder":  # every decode path with the source's rules (util.sources.ImageReader)
+        loader = with_reader(loader, image_reader(args))
     if kind == "synthetic":
         n = args.synthetic_size if split == "train" else max(args.synthetic_size // 4, 1)
         return SyntheticImages(n, args.nb_classes or 10, args.input_size, split, args.seed, transform)
@@ -181,8 +199,6 @@ def build_dataset(args, split, transform, loader=None):
     root = os.path.join(args.data_path, split)
     if not os.path.isdir(root):
         raise UserError(f"{root} does not exist: data_path must hold train/ and val/ folders")
-    if is_shard_split(root):
-        return ShardImageFolder(root, transform, read_class_subset(args.class_subset), loader or checked_loader)
     try:
         return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     except FileNotFoundError as e:  # no class folders (tar shards without an index?), or a class folder without images
@@ -201,12 +217,38 @@ def build_listed(args, split, transform, loader=None):
         return ListedImages(list_images(os.path.join(path, split)), None, transform, loader)
     else:
         paths, labels = list_images(path), None
-    train, held = holdout_split(paths, args.holdout)
     base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # digest not tied to the mount
-    if split == "train":
-        print(f"held out {len(held)} of {len(paths)} images for val "
-              f"(sha256 of their names {names_digest([os.path.relpath(paths[i], base) for i in held])})")
+    train, held = held_out(args, split, [os.path.relpath(p, base) for p in paths])
     return ListedImages(paths, labels, transform, loader).subset(train if split == "train" else held)
+
+
+def held_out(args, split, names):
+    """(train, held) indices of the sorted names (util.sources.holdout_split), stated once."""
+    train, held = holdout_split(names, args.holdout)
+    if split == "train":
+        print(f"held out {len(held)} of {len(names)} images for val "
+              f"(sha256 of their names {names_digest([names[i] for i in held])})")
+    return train, held
+
+
+def build_shards(args, split, transform, loader):
+    """A make_shards.py root: train/ and val/ as converted, or train/ alone (shards of a file
+    list or of a tree without val/), whose val is held out as build_listed does; the names
+    are those of the source, so the split and its digest are the source's. --labels none:
+    label -1 throughout; shards of an unlabeled source need it."""
+    path, unlabeled = args.data_path, getattr(args, "labels", "folders") == "none"
+    has_val = is_shard_split(os.path.join(path, "val"))
+    root = os.path.join(path, split if has_val else "train")
+    ds = ShardImageFolder(root, transform, read_class_subset(args.class_subset))
+    ds.loader = with_reader(loader, image_reader(args, listed=ds.listed))
+    if unlabeled:
+        ds = ds.unlabeled()
+    elif not ds.classes:
+        raise UserError(f"{root}: shards of an unlabeled source (no classes): use --labels none")
+    if has_val:
+        return ds
+    train, held = held_out(args, split, [n for n, _ in ds.samples])
+    return ds.subset(train if split == "train" else held)
 
 
 def build_train_set(args, transform):
@@ -267,7 +309,8 @@ def train_loader(dataset, args, seed, collate_fn=None, mask_patches=0):
         collate_fn = NoiseLast(collate_fn)
     # The loader's own generator: creating an iterator then draws nothing from the
     # global RNG, so a resumed run's random draws match.
-    loader = DataLoader(EpochSeeded(dataset, seed, mask_patches), sampler=sampler, batch_size=args.batch_size,
+    skip_bad = getattr(args, "skip_bad_images", False)
+    loader = DataLoader(EpochSeeded(dataset, seed, mask_patches, skip_bad), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
                         generator=torch.Generator().manual_seed(seed))
@@ -308,6 +351,17 @@ class NormalizeOnDevice:
             yield (images.float() - self.mean) / self.std, *rest
 
 
+def skipped_images(loader):
+    """Training samples replaced since the last call (--skip_bad_images), summed over ranks;
+    call on every rank. `loader`: train_loader's, or a wrapper with a .loader."""
+    while not isinstance(loader, DataLoader):
+        loader = loader.loader
+    counter = loader.dataset.skipped
+    with counter.get_lock():  # the workers are idle between epochs: nothing is lost
+        n, counter.value = counter.value, 0
+    return int(all_reduce_sum(torch.tensor(n)).item())
+
+
 def on_device(loader, normalize, device):
     """The loader as build_train_set's `normalize` asks: unchanged, or NormalizeOnDevice."""
     return loader if normalize is None else NormalizeOnDevice(loader, device, *normalize)
@@ -329,15 +383,33 @@ class EpochSeeded(Dataset):
     word of the same seed sequence, so the mask too follows the sample, not the rank.
     """
 
-    def __init__(self, dataset, seed, mask_patches=0):
+    def __init__(self, dataset, seed, mask_patches=0, skip_bad=False):
         self.dataset, self.seed, self.mask_patches = dataset, seed, mask_patches
         self.classes = getattr(dataset, "classes", None)
+        # --skip_bad_images: samples replaced, counted across the loader's worker processes
+        self.skipped = multiprocessing.Value("q", 0) if skip_bad else None
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        """Sample (epoch, index); with skip_bad, an unreadable image's sample is the next
+        readable index's (its own seed too): the same replacement at any world size, on resume."""
         epoch, index = key
+        for step in range(len(self.dataset)):
+            try:
+                return self.sample(epoch, (index + step) % len(self.dataset))
+            except BadImage as e:
+                if self.skipped is None:
+                    raise
+                if step == 0:  # counted once per sample (a bad replacement counts as its own sample)
+                    with self.skipped.get_lock():
+                        self.skipped.value += 1
+                    # every rank's own line (print is rank 0's only, util.dist)
+                    sys.stderr.write(f"skipped (--skip_bad_images): {e}\n")
+        raise UserError(f"--skip_bad_images: no image of the {len(self.dataset)} could be read")
+
+    def sample(self, epoch, index):
         s, mask_seed = (int(x) for x in np.random.SeedSequence([self.seed, epoch, index]).generate_state(2))
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only

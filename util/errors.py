@@ -9,6 +9,10 @@ class UserError(Exception):
     """Bad input or configuration that the user can fix."""
 
 
+class BadImage(UserError):
+    """An image file that cannot be read: one line naming it, or skipped (--skip_bad_images)."""
+
+
 def _one_line(exc):
     msg = str(exc).strip()
     # DataLoader workers re-raise with the worker's traceback in the message;

@@ -21,32 +21,45 @@ torchvision resized_crop by at most one level. main_pretrain --gpu_decode uses i
 through DeviceDecodeLoader, which decodes one batch ahead on a side stream (CUDA).
 The CUDA path is tested by the cuda-marked tests (benchmarks/gpu_acceptance.py).
 """
-import io
-
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from util.amp import full_fp32_matmul
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
-from util.errors import UserError
+from util.errors import BadImage
 from util.shards import read_bytes
+from util.sources import ImageReader
 
 
-def read_encoded(path):
+class ReadEncoded:
     """ImageFolder loader: (bytes as a 1-d uint8 tensor, or a decoded (3, H, W) uint8
-    tensor for files decode_jpeg may not handle, height, width)."""
-    try:
-        raw = read_bytes(path)  # a file, or a shard's util.shards.Member
-        img = Image.open(io.BytesIO(raw))  # reads the header only
-        if img.format == "JPEG" and img.mode in ("RGB", "L"):
-            return torch.frombuffer(bytearray(raw), dtype=torch.uint8), img.height, img.width
-        rgb = np.asarray(img.convert("RGB"))
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1), img.height, img.width
-    except Exception as e:  # truncated, not an image, unreadable
-        raise UserError(f"cannot read image {path}: {e}") from None
+    tensor for files decode_jpeg may not handle, height, width). `reader`: the source's
+    util.sources.ImageReader (mode conversion, EXIF orientation, size limit); a JPEG that
+    must be turned upright is decoded here, by PIL, as one decode_jpeg may not handle."""
+
+    def __init__(self, reader=None):
+        self.reader = reader or ImageReader(any_mode=False)
+
+    def using(self, reader):
+        return ReadEncoded(reader)
+
+    def __call__(self, path):
+        try:
+            raw = read_bytes(path)  # a file, or a shard's util.shards.Member
+            img = self.reader.open(raw, path)  # reads the header only
+            if img.format == "JPEG" and img.mode in ("RGB", "L") and self.reader.orientation(img) == 1:
+                return torch.frombuffer(bytearray(raw), dtype=torch.uint8), img.height, img.width
+            rgb = np.asarray(self.reader.rgb(img))
+            return torch.from_numpy(rgb.copy()).permute(2, 0, 1), rgb.shape[0], rgb.shape[1]
+        except BadImage:
+            raise
+        except Exception as e:  # truncated, not an image, unreadable
+            raise BadImage(f"cannot read image {path}: {e}") from None
+
+
+read_encoded = ReadEncoded()
 
 
 class PlanCrop:

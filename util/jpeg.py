@@ -22,7 +22,6 @@ Without simplejpeg (not installed, e.g. a fixed GPU image) every file goes throu
 whose draft mode gives the same reduced-DCT-scale decode of libjpeg(-turbo); DecodeCrop
 says so in one warning line.
 """
-import io
 import math
 import sys
 
@@ -32,8 +31,9 @@ import torch.nn.functional as Fn
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from util.errors import UserError
+from util.errors import BadImage
 from util.shards import read_bytes
+from util.sources import ImageReader, orient_pixels
 
 try:
     import simplejpeg
@@ -66,11 +66,14 @@ def warn_without_turbo():
 
 
 class EncodedImage:
-    """One file's bytes and header: size, and how it will be decoded."""
+    """One file's bytes and header: size (upright with --exif_transpose), and how it will be
+    decoded. `reader` (util.sources.ImageReader) holds the rules every decode path shares:
+    mode conversion, EXIF orientation, the decompression-bomb limit."""
 
-    def __init__(self, path):
+    def __init__(self, path, reader=None):
+        reader = reader or ImageReader(any_mode=False)
         self.raw = raw = read_bytes(path)  # a file, or a shard's util.shards.Member
-        self.turbo = None
+        self.name, self.reader, self.turbo = path, reader, None
         try:
             if simplejpeg is not None:
                 self.height, self.width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
@@ -78,8 +81,15 @@ class EncodedImage:
         except ValueError:  # not a JPEG (a PNG with a .JPEG name), or a broken header
             pass
         if self.turbo is None:
-            self.pil = Image.open(io.BytesIO(raw))  # reads the header only
+            self.pil = reader.open(raw, path)  # reads the header only
             self.width, self.height = self.pil.size
+            self.turn = reader.orientation(self.pil)
+        else:
+            reader.check_size(self.width, self.height, path)
+            # libjpeg-turbo ignores EXIF: PIL reads the tag (a header read, only when asked)
+            self.turn = reader.orientation(reader.open(raw, path)) if reader.exif_transpose else 1
+        if self.turn in (5, 6, 7, 8):  # a quarter turn: the crop box is drawn on the upright size
+            self.width, self.height = self.height, self.width
 
     @property
     def scalable(self):
@@ -87,26 +97,27 @@ class EncodedImage:
         return self.turbo is not None or (self.pil.format == "JPEG" and self.pil.mode in ("RGB", "L"))
 
     def decode(self, scale):
-        """(pixels, scale): (H, W, C) uint8, RGB or (from libjpeg-turbo) one grey channel,
+        """(pixels, scale): (H, W, C) uint8, upright, RGB or (from libjpeg-turbo) one grey channel,
         at 1/scale of the full size (rounded up); PIL decodes at full size (scale 1) except
         a `scalable` file, which its draft mode decodes at 1/scale as libjpeg-turbo does."""
+        stored_w, stored_h = (self.height, self.width) if self.turn in (5, 6, 7, 8) else (self.width, self.height)
         if self.turbo is not None:
             try:
-                return simplejpeg.decode_jpeg(self.raw, colorspace=self.turbo,
-                                              min_height=math.ceil(self.height / scale),
-                                              min_width=math.ceil(self.width / scale)), scale
+                return orient_pixels(simplejpeg.decode_jpeg(self.raw, colorspace=self.turbo,
+                                                            min_height=math.ceil(stored_h / scale),
+                                                            min_width=math.ceil(stored_w / scale)), self.turn), scale
             except ValueError:  # libjpeg-turbo's warnings are errors here: PIL decides, as
-                self.pil = Image.open(io.BytesIO(self.raw))  # in the plain path
+                self.pil = self.reader.open(self.raw, self.name)  # in the plain path
                 scale = 1
         elif scale > 1 and self.scalable:
             # draft picks the largest scale a with size // a >= the request: W // s gives s
-            self.pil.draft(self.pil.mode, (self.width // scale, self.height // scale))
-            if self.pil.size != (math.ceil(self.width / scale), math.ceil(self.height / scale)):
-                self.pil = Image.open(io.BytesIO(self.raw))  # draft declined: full size
+            self.pil.draft(self.pil.mode, (stored_w // scale, stored_h // scale))
+            if self.pil.size != (math.ceil(stored_w / scale), math.ceil(stored_h / scale)):
+                self.pil = self.reader.open(self.raw, self.name)  # draft declined: full size
                 scale = 1
         else:
             scale = 1
-        return np.array(self.pil.convert("RGB")), scale  # a writable copy, for torch
+        return np.array(self.reader.rgb(self.pil)), scale  # upright, a writable copy, for torch
 
 
 class DecodeCrop:
@@ -115,12 +126,14 @@ class DecodeCrop:
     `crop` is the plain path's crop transform (torchvision RandomResizedCrop,
     util.datasets.MAERandomResizedCrop, timm's RandomResizedCropAndInterpolation): its
     get_params, size and interpolation are used. Returns a uint8 (3, H, W) tensor, or with
-    pil=True an RGB PIL image for PIL transforms that follow (timm's RandAugment)."""
+    pil=True an RGB PIL image for PIL transforms that follow (timm's RandAugment). `reader`:
+    the source's util.sources.ImageReader (default: an ImageFolder's, convert('RGB'))."""
 
-    def __init__(self, crop, pil=False):
+    def __init__(self, crop, pil=False, reader=None):
         if not self.supports(crop):
             raise ValueError(f"DecodeCrop cannot stand for {crop}")
         self.crop, self.pil = crop, pil
+        self.reader = reader or ImageReader(any_mode=False)
         size = crop.size
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.mode = RESIZE_MODES[crop.interpolation]
@@ -131,8 +144,12 @@ class DecodeCrop:
         return all(hasattr(crop, a) for a in ("get_params", "scale", "ratio", "size")) \
             and getattr(crop, "interpolation", None) in RESIZE_MODES
 
+    def using(self, reader):
+        """This loader with the source's reader (util.datasets.build_dataset)."""
+        return DecodeCrop(self.crop, self.pil, reader)
+
     def __call__(self, path):
-        image = self.read(path, EncodedImage, path)
+        image = self.read(path, lambda p: EncodedImage(p, self.reader), path)
         top, left, h, w = self.crop.get_params(torch.empty(0, image.height, image.width),
                                                self.crop.scale, self.crop.ratio)
         s = dct_scale(h, w, *self.size) if image.scalable else 1
@@ -152,5 +169,7 @@ class DecodeCrop:
         """fn(arg), failing with one line that names the file."""
         try:
             return fn(arg)
+        except BadImage:
+            raise
         except Exception as e:  # truncated, not an image, unreadable
-            raise UserError(f"cannot read image {path}: {e}") from None
+            raise BadImage(f"cannot read image {path}: {e}") from None

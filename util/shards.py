@@ -31,6 +31,7 @@ field read here), and rank 0 stats every shard and reads its first tar header (t
 ranks get its verdict). Each process keeps at most max_open_shards() shards open, a
 quarter of its `ulimit -n`, closing the least recently used one first.
 """
+import copy
 import json
 import os
 import re
@@ -178,7 +179,9 @@ def entry_problem(s, first, num_classes):
     labels, offsets, sizes = (np.asarray(s[key]) for key in ("labels", "offsets", "sizes"))
     if any(a.dtype.kind not in "iu" for a in (labels, offsets, sizes)):
         return "`labels`, `offsets` and `sizes` must be whole numbers"
-    if labels.min() < 0 or labels.max() >= num_classes:
+    if num_classes == 0 and np.any(labels != -1):  # shards of an unlabeled source: label -1 throughout
+        return "no `classes` but a label other than -1 (an unlabeled split's)"
+    if num_classes and (labels.min() < 0 or labels.max() >= num_classes):
         return f"a label outside 0..{num_classes - 1} (the {num_classes} `classes`)"
     ends = offsets + (sizes + BLOCK - 1) // BLOCK * BLOCK + 2 * BLOCK  # the image, then its label member
     if sizes.min() < 0 or offsets[0] < BLOCK or np.any(offsets[1:] < ends[:-1] + BLOCK) or ends[-1] > s["filesize"]:
@@ -234,6 +237,7 @@ class ShardImageFolder(Dataset):
         self.fetched = {}  # index -> (its run's read under way, its place in the run), see prefetch
         index = load_index(root)
         self.root, self.transform, self.loader = root, transform, loader
+        self.listed = index.get("listed", False) is True  # made from a file list or an unlabeled tree
         shards = index["shardlist"]
         self.paths = [os.path.join(root, s["url"]) for s in shards]
         self.check_shards(shards)
@@ -256,6 +260,22 @@ class ShardImageFolder(Dataset):
         self.targets = labels[rows].tolist() if classes is None else new[labels[rows]].tolist()
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples = [(names[r], t) for r, t in zip(rows, self.targets)]
+
+    def subset(self, indices):
+        """These samples only (a held-out split), in this order; shards and reads shared."""
+        out = copy.copy(self)
+        out.pid, out.fds, out.pool, out.fetched = None, OrderedDict(), None, {}  # opens its own
+        out.rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        out.targets = [self.targets[i] for i in indices]
+        out.samples = [self.samples[i] for i in indices]
+        return out
+
+    def unlabeled(self):
+        """The same samples with label -1 and no classes (--labels none)."""
+        out = self.subset(np.arange(len(self)))
+        out.classes, out.class_to_idx, out.targets = [], {}, [-1] * len(self)
+        out.samples = [(n, -1) for n, _ in self.samples]
+        return out
 
     def check_shards(self, shards):
         """Fail now, on every rank with the same line, if a shard is missing, cut short or not

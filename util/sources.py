@@ -7,15 +7,22 @@ import hashlib
 import io
 import os
 import sys
+import warnings
 
 import numpy as np
 from PIL import Image
 
-from util.errors import UserError
+from util.errors import BadImage, UserError
 from util.shards import read_bytes
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 BACKGROUND = (255, 255, 255)  # alpha is composited on white (documented in PRETRAIN.md)
+PIL_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), our default
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright: PIL's
+# ImageOps.exif_transpose table, used for PIL images and decoded arrays alike
+ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
 
 
 def is_image_name(name):
@@ -92,11 +99,75 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def any_mode_loader(path):
-    try:
-        return to_rgb(Image.open(io.BytesIO(read_bytes(path))))
-    except Exception as e:  # truncated, not an image, unreadable
-        raise UserError(f"cannot read image {path}: {e}") from None
+def orient_pixels(pixels, orientation):
+    """An (H, W, C) uint8 array turned upright as ORIENT says (by PIL, the same rule as images)."""
+    if orientation not in ORIENT:
+        return pixels
+    grey = pixels.shape[-1] == 1
+    out = np.array(Image.fromarray(pixels[..., 0] if grey else pixels).transpose(ORIENT[orientation]))
+    return out[..., None] if grey else out
+
+
+class ImageReader:
+    """The one rule by which every loader (plain PIL, util.jpeg.DecodeCrop, util.gpu_aug
+    read_encoded; files or shard members) turns a file into 8-bit RGB.
+
+    any_mode: to_rgb (unlabeled trees, file lists); False: PIL's convert('RGB'), which an
+    ImageFolder root has always had (the same pixels for ImageNet's RGB/grey/CMYK JPEGs).
+    exif_transpose: EXIF orientation applied (off by default: it changes ImageNet's pixels).
+    max_pixels: PIL's decompression-bomb limit (0: none); over it one warning line, over
+    twice it (where PIL refuses) an error naming the file and --max_image_pixels."""
+
+    def __init__(self, any_mode=True, exif_transpose=False, max_pixels=PIL_MAX_PIXELS):
+        self.any_mode, self.exif_transpose, self.max_pixels = any_mode, exif_transpose, max_pixels
+        self.warned = set()
+
+    def check_size(self, width, height, name):
+        if not self.max_pixels or width * height <= self.max_pixels:
+            return
+        if width * height > 2 * self.max_pixels:
+            raise BadImage(f"cannot read image {name}: {width}x{height} pixels, over twice PIL's decompression-bomb "
+                           f"limit of {self.max_pixels:,}; raise it with --max_image_pixels N (0: no limit) "
+                           "if you trust the file")
+        if name not in self.warned:
+            self.warned.add(name)
+            print(f"warning: {name}: {width}x{height} pixels, over PIL's decompression-bomb limit of "
+                  f"{self.max_pixels:,} (decoded anyway; refused over twice it; --max_image_pixels)",
+                  file=sys.stderr, flush=True)
+
+    def open(self, raw, name):
+        """The PIL image of `raw` (header read only), its size checked."""
+        Image.MAX_IMAGE_PIXELS = 2 * self.max_pixels or None  # this process's PIL: check_size says the rest
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+        self.check_size(img.width, img.height, name)
+        return img
+
+    def orientation(self, img):
+        """EXIF orientation of a PIL image, 1 (as stored) unless --exif_transpose."""
+        return img.getexif().get(0x0112, 1) if self.exif_transpose else 1
+
+    def rgb(self, img):
+        """8-bit RGB, upright where asked."""
+        turn = self.orientation(img)
+        img = to_rgb(img) if self.any_mode else img.convert("RGB")
+        return img.transpose(ORIENT[turn]) if turn in ORIENT else img
+
+    def __call__(self, path):
+        """Loader: the RGB PIL image of a file or a util.shards.Member; a failure names it (one line)."""
+        try:
+            return self.rgb(self.open(read_bytes(path), path))
+        except BadImage:
+            raise
+        except Exception as e:  # truncated, not an image, unreadable
+            raise BadImage(f"cannot read image {path}: {e}") from None
+
+    def using(self, reader):
+        return reader
+
+
+any_mode_loader = ImageReader()
 
 
 class ListedImages:
