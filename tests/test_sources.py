@@ -171,3 +171,49 @@ def test_unlabeled_tree_pretrains_on_two_ranks_with_the_same_held_out_split(tmp_
         stats = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
         assert stats and not any("loss_ce" in k for k in stats[-1])
     assert outs[1] and outs[1][0] == outs[2][0] and "held out 7 of 71 images" in outs[1][0]
+
+
+LISTING_SCRIPT = '''
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import argparse
+from util.dist import get_rank, init_distributed_mode
+from util.datasets import build_dataset
+from util.errors import UserError
+init_distributed_mode(argparse.Namespace(device="cpu", dist_timeout=2))
+calls = []
+real_scandir = os.scandir
+os.scandir = lambda *a: calls.append(a) or real_scandir(*a)  # os.walk walks with it
+args = argparse.Namespace(dataset=None, data_path={data!r}, labels="none", holdout=0.1, class_subset=None)
+train = [p for p, _ in build_dataset(args, "train", None).samples]
+val = [p for p, _ in build_dataset(args, "val", None).samples]
+try:
+    build_dataset(argparse.Namespace(**{{**vars(args), "data_path": {empty!r}}}), "train", None)
+    err = None
+except UserError as e:
+    err = str(e)
+json.dump(dict(train=train, val=val, scandirs=len(calls), err=err), open(f"{out}/rank{{get_rank()}}.json", "w"))
+'''
+
+
+def test_only_rank0_lists_the_tree_and_every_rank_gets_its_list(tmp_path):
+    """2 gloo ranks: rank 0 walks the tree once (train and val share the listing), rank 1
+    never touches the file system's directories and gets the same lists; an empty tree
+    is the same error on both ranks instead of rank 1 waiting in the broadcast."""
+    import json
+    from conftest import REPO, run_script
+    data, empty = tmp_path / "data", tmp_path / "empty"
+    for i in range(12):
+        (data / f"d{i % 3}" / "deep").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(data / f"d{i % 3}" / "deep" / f"{i}.png")
+    empty.mkdir()
+    script = tmp_path / "listing.py"
+    script.write_text(LISTING_SCRIPT.format(repo=REPO, data=str(data), empty=str(empty), out=str(tmp_path)))
+    proc = run_script(script, torchrun=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r1["scandirs"] == 0 and r0["scandirs"] == 1 + 3 * 2 + 1  # data, 3 x (d, deep), empty: each once
+    assert r0["train"] == r1["train"] and r0["val"] == r1["val"]
+    assert len(r0["train"]) == 11 and len(r0["val"]) == 1 and sorted(r0["train"] + r0["val"]) == list_images(data)
+    assert r0["err"] == r1["err"] and "no image files" in r0["err"]
+    assert "listed 12 images in 7 folders below" in proc.stdout

@@ -21,7 +21,7 @@ from torchvision.transforms import functional as F
 from util.dist import get_rank, get_world_size
 from util.errors import UserError
 from util.jpeg import DecodeCrop
-from util.sources import ListedImages, holdout_split, list_images, names_digest, read_file_list
+from util.sources import ListedImages, holdout_split, names_digest, read_file_list, shared_list_images
 from util.shards import ShardImageFolder, is_shard_split, read_bytes, unfinished_conversion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -198,9 +198,9 @@ def build_listed(args, split, transform, loader=None):
     if os.path.isfile(path):
         paths, labels = read_file_list(path)
     elif has_splits:
-        return ListedImages(list_images(os.path.join(path, split)), None, transform, loader)
+        return ListedImages(shared_list_images(os.path.join(path, split)), None, transform, loader)
     else:
-        paths, labels = list_images(path), None
+        paths, labels = shared_list_images(path), None
     train, held = holdout_split(paths, args.holdout)
     base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # digest not tied to the mount
     if split == "train":
