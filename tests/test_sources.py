@@ -217,3 +217,84 @@ def test_only_rank0_lists_the_tree_and_every_rank_gets_its_list(tmp_path):
     assert len(r0["train"]) == 11 and len(r0["val"]) == 1 and sorted(r0["train"] + r0["val"]) == list_images(data)
     assert r0["err"] == r1["err"] and "no image files" in r0["err"]
     assert "listed 12 images in 7 folders below" in proc.stdout
+
+
+def test_fixed_mask_reconstruction_loss_is_repeatable_and_draws_no_rng():
+    """The monitor's masks are fixed per image (seeded by --seed alone): the same model gives
+    the same value at every call (so epochs compare), a subset order does not matter, and the
+    global RNG a training run draws from is untouched."""
+    import argparse
+    import torch
+    import models_mae
+    from monitors.diagnostics import reconstruction_loss
+    torch.manual_seed(0)
+    model = models_mae.MODELS["mae_vit_tiny_patch16"](img_size=32, patch_size=4, nb_classes=1)
+    data = [(torch.randn(3, 32, 32), -1) for _ in range(10)]
+    args = argparse.Namespace(seed=0, mask_ratio=0.75, batch_size=4, num_workers=0, pin_mem=False)
+    state = torch.get_rng_state()
+    a, b = reconstruction_loss(model, data, "cpu", args), reconstruction_loss(model, data, "cpu", args)
+    assert torch.equal(state, torch.get_rng_state()) and model.training
+    assert a == b and 0.5 < a < 3  # unit-variance pixels: a random decoder's loss is about 1
+    other = reconstruction_loss(model, data, "cpu", argparse.Namespace(**{**vars(args), "seed": 1}))
+    assert other != a  # other masks, another value: the masks do come from the seed
+
+
+@pytest.fixture(scope="module")
+def unlabeled_run(tmp_path_factory):
+    """2 epochs on a classless tree of 40 noise images, 8 held out, monitors every epoch."""
+    from conftest import TINY, run_script
+    root = tmp_path_factory.mktemp("unlabeled")
+    data, out = root / "data", root / "out"
+    for i in range(40):
+        (data / f"s{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(
+            data / f"s{i % 4}" / f"{i}.png")
+    proc = run_script("main_pretrain.py", *TINY, "--epochs", "2", "--data_path", data, "--labels", "none",
+                      "--holdout", "0.2", "--val_interval", "1", "--diag_images", "8", "--vis_every", "1",
+                      "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return data, out, proc
+
+
+def test_unlabeled_tree_logs_label_free_monitors_every_eval_epoch(unlabeled_run):
+    """log.txt and TensorBoard have, per epoch, the held-out images' fixed-mask reconstruction
+    loss (near the training loss), effective rank, uniformity and TCR, all finite; the
+    reconstruction pictures are written."""
+    import json
+    import math
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, out, proc = unlabeled_run
+    stats = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [s["epoch"] for s in stats] == [0, 1]
+    keys = ("diag_recon_loss", "diag_effective_rank", "diag_uniformity", "diag_tcr", "diag_dims99")
+    for s in stats:
+        assert all(math.isfinite(s[k]) for k in keys), s
+        assert 0.3 < s["diag_recon_loss"] / s["train_loss_mae"] < 3, s  # the same loss on unseen images
+        assert 1 <= s["diag_effective_rank"] <= 7 + 1e-6 and 0 < s["diag_uniformity"] <= 1
+    assert "reconstruction loss" in proc.stdout and "(fixed masks)" in proc.stdout
+    events = EventAccumulator(str(out)).Reload()
+    for tag in ("diag/recon_loss", "diag/effective_rank", "diag/uniformity", "diag/tcr"):
+        assert [e.step for e in events.Scalars(tag)] == [0, 1], tag
+    assert events.Scalars("diag/recon_loss")[-1].value == pytest.approx(stats[-1]["diag_recon_loss"])
+    assert (out / "reconstruction-0.png").is_file() and (out / "reconstruction-1.png").is_file()
+
+
+def test_analyze_an_unlabeled_checkpoint_and_tree(unlabeled_run, tmp_path):
+    """main_analyze.py --labels none: the label-free diagnostics and the reconstruction loss on
+    the run's 8 held-out images (its --holdout, from the checkpoint), kNN and linear skipped
+    with one line; the reconstruction loss is the pretraining monitor's value (same masks)."""
+    import json
+    from conftest import run_script
+    data, out, _ = unlabeled_run
+    proc = run_script("main_analyze.py", "--checkpoint", out / "checkpoint-1.pth", "--data_path", data,
+                      "--labels", "none", "--num_workers", "0", "--batch_size", "4", "--output_dir", tmp_path,
+                      "--out_json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("kNN and linear evaluation skipped (they need labels)") == 1
+    assert "held out 8 of 40 images" in proc.stdout
+    r = json.load(open(tmp_path / "r.json"))
+    assert "knn" not in r and "linear" not in r and r["diagnostics"]["n"] == 8
+    assert 1 <= r["diagnostics"]["effective_rank"] <= 7 + 1e-6
+    last = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert r["recon_loss"] == pytest.approx(last["diag_recon_loss"], rel=1e-5)
+    assert (tmp_path / "spectrum.png").is_file() and (tmp_path / "reconstruction-analysis.png").is_file()

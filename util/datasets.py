@@ -190,6 +190,9 @@ def build_dataset(args, split, transform, loader=None):
                         "use --labels none)") from None
 
 
+_ANNOUNCED = set()  # held-out splits already described in this process
+
+
 def build_listed(args, split, transform, loader=None):
     """A file list or an unlabeled tree (util.sources). Without val/, `split` is a
     fixed-seed held-out part of the sorted list, the same at every world size."""
@@ -203,7 +206,8 @@ def build_listed(args, split, transform, loader=None):
         paths, labels = shared_list_images(path), None
     train, held = holdout_split(paths, args.holdout)
     base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # digest not tied to the mount
-    if split == "train":
+    if path not in _ANNOUNCED:  # once, whichever split is built first (main_analyze: val alone)
+        _ANNOUNCED.add(path)
         print(f"held out {len(held)} of {len(paths)} images for val "
               f"(sha256 of their names {names_digest([os.path.relpath(paths[i], base) for i in held])})")
     return ListedImages(paths, labels, transform, loader).subset(train if split == "train" else held)
