@@ -298,3 +298,35 @@ def test_analyze_an_unlabeled_checkpoint_and_tree(unlabeled_run, tmp_path):
     last = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert r["recon_loss"] == pytest.approx(last["diag_recon_loss"], rel=1e-5)
     assert (tmp_path / "spectrum.png").is_file() and (tmp_path / "reconstruction-analysis.png").is_file()
+
+
+def test_unlabeled_source_killed_and_relaunched_ends_at_the_uninterrupted_weights(tmp_path):
+    """kill -9 twice mid-run (a checkpoint after every step, the label-free monitors every
+    epoch) on a classless tree, relaunched with the same command: the final weights equal an
+    uninterrupted run's bit for bit (the listing, the held-out split and the per-sample
+    seeding do not depend on the restart)."""
+    import signal
+    from test_survival import RUN, assert_same_weights, final_model, kill_group, launch, wait_for_position
+    data = tmp_path / "data"
+    for i in range(72):  # 8 held out, 64 train: 4 steps of 16 per epoch
+        (data / f"s{i % 5}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(
+            data / f"s{i % 5}" / f"{i}.png")
+    extra = ["--data_path", data, "--labels", "none", "--holdout", "0.11", "--val_interval", "1",
+             "--diag_images", "8"]
+    ref = launch(tmp_path / "ref", *extra)
+    stdout, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-2000:]
+    assert "held out 8 of 72 images" in stdout and "4 steps/epoch" in stdout
+    out = tmp_path / "killed"
+    for target in ((0, 2), (1, 1)):
+        proc = launch(out, *extra)
+        wait_for_position(proc, out, target)
+        kill_group(proc, signal.SIGKILL)
+        assert not (out / "checkpoint-1.pth").exists()  # killed before the end
+    proc = launch(out, *extra)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "resumed from" in stdout
+    assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
+
