@@ -168,6 +168,9 @@ def main(args):
     seed_everything(args.seed)
 
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size))
+    if len(dataset_val) < 2:
+        raise UserError(f"{len(dataset_val)} val image: the diagnostics need 2 or more "
+                        "(a held-out split: raise --holdout)")
     check_nb_classes(args, dataset_val)
     if not getattr(dataset_val, "classes", True) and (args.knn or args.linear):  # --labels none: labels -1
         print("unlabeled data: kNN and linear evaluation skipped (they need labels); the diagnostics, "

@@ -193,6 +193,19 @@ def summary_line(d):
             f"uniformity {d['uniformity']:.4f}  tcr {d['tcr']:.4f}  (on {d['n']} val images)")
 
 
+def label_free_diagnostics(model, images, device, args):
+    """(values, console line): the fixed-mask reconstruction loss, and the feature
+    diagnostics where there are 2 images or more (a held-out set of 1, the default 1% of a
+    small tree, has no spread: those are left out, said in the line, not a crash)."""
+    d = {"recon_loss": reconstruction_loss(model, images, device, args)}
+    recon = f"reconstruction loss {d['recon_loss']:.4f} at mask ratio {args.mask_ratio} (fixed masks)"
+    if len(images) < 2:
+        return d, (f"diagnostics: {len(images)} val image: effective rank, uniformity and TCR need 2 "
+                   f"or more (raise --holdout); {recon}")
+    d.update(feature_stats(model, eval_loader(images, args), device, args.amp, args.uniformity_mu, args.centering))
+    return d, "diagnostics: " + summary_line(d) + "; " + recon
+
+
 def log_diagnostics(model, dataset_val, device, args, epoch, log_writer=None):
     """The pretraining hook: diagnostics and the fixed-mask reconstruction loss on
     --diag_images val images (none needs labels), and with --knn_monitor kNN accuracy;
@@ -202,18 +215,16 @@ def log_diagnostics(model, dataset_val, device, args, epoch, log_writer=None):
         return {}
     stats = {}
     if args.diag_images:
-        images = diag_subset(dataset_val, args.diag_images)
-        d = feature_stats(model, eval_loader(images, args), device, args.amp, args.uniformity_mu, args.centering)
-        d["recon_loss"] = reconstruction_loss(model, images, device, args)
-        print("diagnostics: " + summary_line(d) + f"; reconstruction loss {d['recon_loss']:.4f} "
-              f"at mask ratio {args.mask_ratio} (fixed masks)")
-        keys = ("effective_rank", "dims99", "uniformity", "tcr", "recon_loss")
+        d, line = label_free_diagnostics(model, diag_subset(dataset_val, args.diag_images), device, args)
+        print(line)
+        keys = [k for k in ("effective_rank", "dims99", "uniformity", "tcr", "recon_loss") if k in d]
         stats = {f"diag_{k}": d[k] for k in keys}
         if log_writer is not None and is_main_process():
             for k in keys:
                 log_writer.add_scalar(f"diag/{k}", d[k], epoch)
-            plot = spectrum_plot(d["singular_values"], f"epoch {epoch}: erank {d['effective_rank']:.1f}")
-            log_writer.add_image("diag/spectrum", pil_to_tensor(plot), epoch)
+            if "singular_values" in d:
+                plot = spectrum_plot(d["singular_values"], f"epoch {epoch}: erank {d['effective_rank']:.1f}")
+                log_writer.add_image("diag/spectrum", pil_to_tensor(plot), epoch)
     if getattr(args, "knn_monitor", False):
         acc = knn_monitor(model, dataset_val, device, args)
         print(f"kNN (k={acc['k']}) on {acc['n']} val images: top-1 {acc['acc1']:.2f}  top-5 {acc['acc5']:.2f}")

@@ -330,3 +330,25 @@ def test_unlabeled_source_killed_and_relaunched_ends_at_the_uninterrupted_weight
     assert "resumed from" in stdout
     assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
 
+
+def test_one_held_out_image_logs_the_reconstruction_loss_not_a_traceback(tmp_path):
+    """The default --holdout 0.01 of a 20-image tree holds out 1 image: the pretraining
+    monitors log its reconstruction loss and say why the feature diagnostics are left out
+    (they need 2); main_analyze on it is one error line naming --holdout."""
+    import json
+    import math
+    from conftest import TINY, assert_one_line_error, run_script
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(20):
+        Image.new("RGB", (40, 36), (i * 9, 50, 100)).save(data / f"{i}.png")
+    out = tmp_path / "out"
+    proc = run_script("main_pretrain.py", *TINY, "--data_path", data, "--labels", "none", "--val_interval", "1",
+                      "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held out 1 of 20 images" in proc.stdout and "need 2 or more (raise --holdout)" in proc.stdout
+    stats = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert math.isfinite(stats["diag_recon_loss"]) and "diag_effective_rank" not in stats
+    proc = run_script("main_analyze.py", "--checkpoint", out / "checkpoint-0.pth", "--data_path", data,
+                      "--labels", "none", "--num_workers", "0", "--output_dir", tmp_path)
+    assert_one_line_error(proc, "1 val image", "raise --holdout")
