@@ -352,3 +352,34 @@ def test_one_held_out_image_logs_the_reconstruction_loss_not_a_traceback(tmp_pat
     proc = run_script("main_analyze.py", "--checkpoint", out / "checkpoint-0.pth", "--data_path", data,
                       "--labels", "none", "--num_workers", "0", "--output_dir", tmp_path)
     assert_one_line_error(proc, "1 val image", "raise --holdout")
+
+
+def test_probe_data_gives_knn_accuracy_while_pretraining_unlabeled(tmp_path):
+    """--probe_data: a small labelled ImageFolder beside an unlabeled --data_path gives kNN
+    top-1/top-5 on its val split every eval epoch (log.txt probe_knn_*, TensorBoard probe/),
+    the online classifier staying off; a probe folder without class folders is one line."""
+    import json
+    from conftest import TINY, assert_one_line_error, run_script
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    data, probe = tmp_path / "data", tmp_path / "probe"
+    data.mkdir()
+    for i in range(20):
+        Image.new("RGB", (40, 36), (i * 9, 50, 100)).save(data / f"{i}.png")
+    for split, n in (("train", 6), ("val", 3)):
+        for c, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            (probe / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 36), tuple(v + 5 * i for v in colour)).save(probe / split / c / f"{i}.png")
+    out = tmp_path / "out"
+    args = [*TINY, "--data_path", data, "--labels", "none", "--holdout", "0.2", "--val_interval", "1",
+            "--diag_images", "4", "--output_dir", out]
+    proc = run_script("main_pretrain.py", *args, "--probe_data", probe)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kNN on 6 val images, bank of 12 train images, 2 classes" in proc.stdout
+    stats = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert 0 <= stats["probe_knn_acc1"] <= stats["probe_knn_acc5"] == 100  # 2 classes: top-5 holds both
+    assert not any("loss_ce" in k or "online" in k for k in stats)
+    events = EventAccumulator(str(out)).Reload()
+    assert events.Scalars("probe/knn_acc1")[-1].value == pytest.approx(stats["probe_knn_acc1"])
+    bad = run_script("main_pretrain.py", *args[:-1], tmp_path / "out2", "--probe_data", data)
+    assert_one_line_error(bad, f"--probe_data {data} needs labels")
