@@ -383,3 +383,17 @@ def test_probe_data_gives_knn_accuracy_while_pretraining_unlabeled(tmp_path):
     assert events.Scalars("probe/knn_acc1")[-1].value == pytest.approx(stats["probe_knn_acc1"])
     bad = run_script("main_pretrain.py", *args[:-1], tmp_path / "out2", "--probe_data", data)
     assert_one_line_error(bad, f"--probe_data {data} needs labels")
+
+
+def test_listing_prints_a_running_count_and_its_time(tmp_path):
+    """A long walk says it is alive: with the period at 0 every folder reports the running
+    count; the end gives the total and the time."""
+    import io
+    make_mixed_tree(tmp_path)
+    out = io.StringIO()
+    list_images(tmp_path, progress_s=0, out=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"listing {tmp_path}: 1 images in 1 folders so far (0 s)"  # deep16.png at the top
+    assert [line.split(": ")[1].split(" (")[0] for line in lines[1:-1]] == [
+        "2 images in 2 folders so far", "3 images in 3 folders so far", "6 images in 4 folders so far"]
+    assert lines[-1].startswith(f"listed 6 images in 4 folders below {tmp_path} in ")
