@@ -9,6 +9,10 @@ reconstruction loss; writes the singular value spectrum and a reconstruction gri
         --data_path /imagenet                      # official encoder-only file: no reconstructions
     torchrun --nproc_per_node 8 main_analyze.py --checkpoint ... --data_path /imagenet
 
+On unlabeled data (--labels none, or a file list without labels) the kNN and linear
+evaluation are skipped, said once; the rest needs no labels. Without val/, the val
+images are the run's held-out ones (--holdout defaults to the checkpoint's).
+
 Model, input/patch size and regulariser settings default to those stored in
 the checkpoint's args; an official MAE checkpoint stores none, so pass --model.
 """
@@ -21,7 +25,8 @@ import models_mae
 from util.checkpoint import load_checkpoint
 from util.cli import Parser, add_bool, add_common_args, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import build_dataset, check_nb_classes, eval_loader, eval_transform
-from monitors.diagnostics import FeatureStats, diag_subset, feature_stats, spectrum_plot, summary_line
+from monitors.diagnostics import (FeatureStats, diag_subset, feature_stats, reconstruction_loss, spectrum_plot,
+                                  summary_line)
 from monitors.fast_linear import LABEL, fast_linear_eval
 from monitors.features import extract_features
 from monitors.knn import knn_accuracy
@@ -33,7 +38,8 @@ from util.vis import save_reconstructions
 # Settings read from the checkpoint's args when not given on the command line.
 FROM_CHECKPOINT = {"model": None, "input_size": 224, "patch_size": None, "global_pool": False,
                    "norm_pix_loss": False, "mask_ratio": 0.75, "uniformity_mu": 1.0, "centering": False,
-                   "depth": None, "decoder_embed_dim": None, "decoder_depth": None}
+                   "depth": None, "decoder_embed_dim": None, "decoder_depth": None,
+                   "holdout": 0.01}  # the run's held-out images, for a source without val/
 SHAPE_KEYS = ("patch_size", "depth", "decoder_embed_dim", "decoder_depth")
 POOLS = ("cls", "avg")
 
@@ -136,27 +142,6 @@ def subset(dataset, n):
     return diag_subset(dataset, n) if n else dataset
 
 
-@torch.no_grad()
-def reconstruction_loss(model, dataset, device, args):
-    """Mean MAE loss on the val images at --mask_ratio. Each image's mask comes from
-    a noise table indexed by the image, so any number of ranks gives the same value."""
-    model.eval()
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.rand(len(dataset), model.patch_embed.num_patches, generator=g)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    loader = eval_loader(dataset, args)
-    order = list(loader.sampler)
-    seen = 0
-    for imgs, _ in loader:
-        n = imgs.shape[0]
-        idx = torch.tensor(order[seen:seen + n])
-        seen += n
-        loss = model(imgs.to(device), args.mask_ratio, noise[idx].to(device)).loss
-        sums += torch.stack([loss.double() * n, torch.tensor(n, device=device, dtype=torch.float64)])
-    total, n = all_reduce_sum(sums).tolist()
-    return total / max(n, 1)
-
-
 def gather_all(x):
     """Every rank's rows in dataset order: rank r's ShardSampler shard holds items
     r, r + W, r + 2W, ..., so its j-th row goes to position r + W*j. The linear fit
@@ -183,7 +168,14 @@ def main(args):
     seed_everything(args.seed)
 
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size))
+    if len(dataset_val) < 2:
+        raise UserError(f"{len(dataset_val)} val image: the diagnostics need 2 or more "
+                        "(a held-out split: raise --holdout)")
     check_nb_classes(args, dataset_val)
+    if not getattr(dataset_val, "classes", True) and (args.knn or args.linear):  # --labels none: labels -1
+        print("unlabeled data: kNN and linear evaluation skipped (they need labels); the diagnostics, "
+              "reconstruction loss and pictures need none")
+        args.knn = args.linear = False
     model = build_model(args, sd)
     has_decoder = load_weights(model, sd, args.checkpoint)
     model.to(device).eval()

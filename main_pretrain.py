@@ -16,6 +16,7 @@ import models_mae
 from engine_pretrain import exact_accumulation, train_one_epoch
 from loss_func import REG_ALIASES, REG_CHOICES
 from monitors.diagnostics import log_diagnostics
+from monitors.knn import knn_monitor
 from monitors.online import evaluate_online
 from util import checkpoint as ckpt
 from util import preempt
@@ -71,6 +72,10 @@ def get_args_parser():
     g.add_argument("--vis_every", default=10, type=int, help="reconstruction picture every N epochs (0 = never)")
     g.add_argument("--diag_images", default=1024, type=int, help="val images for the feature diagnostics (0 = off)")
     add_bool(g, "--knn_monitor", False, "kNN accuracy (train bank, eval transform) at every val_interval")
+    g.add_argument("--probe_data", default=None,
+                   help="a small labelled set (ImageFolder root with train/ and val/, its shards, or a "
+                        "labelled file list): kNN accuracy on it at every val_interval, e.g. while "
+                        "pretraining on an unlabeled --data_path")
     return parser
 
 
@@ -94,6 +99,8 @@ def check_pretrain_args(args):
         raise UserError(f"--uniformity_mu must be > 0, got {args.uniformity_mu}")
     if not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.probe_data is not None and not os.path.exists(args.probe_data):
+        raise UserError(f"--probe_data {args.probe_data} does not exist")
     if args.model not in models_mae.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_mae.MODELS)}")
     return notes
@@ -142,6 +149,37 @@ def log_online_probe(model, dataset_val, device, args, epoch, log_writer):
     return {"val_online_acc1": val["acc1"], "val_online_acc5": val["acc5"]}
 
 
+def build_probe(args):
+    """--probe_data's (train, val, number of classes) with the eval transform, or None.
+    Its labels come from its class folders (or its list's second column), whatever --labels
+    says of --data_path."""
+    if args.probe_data is None:
+        return None
+    probe_args = argparse.Namespace(**{**vars(args), "data_path": args.probe_data, "dataset": None,
+                                       "labels": "folders", "class_subset": None})
+    need = "needs labels: train/<class>/ and val/<class>/ folders, their shards or a labelled file list"
+    try:
+        train, val = (build_dataset(probe_args, s, eval_transform(args.input_size)) for s in ("train", "val"))
+    except UserError as e:  # its hint would name --labels, which is --data_path's
+        raise UserError(f"--probe_data {args.probe_data} {need} ({str(e).split(' (')[0]})") from None
+    if not getattr(train, "classes", None):
+        raise UserError(f"--probe_data {args.probe_data} {need}")
+    print(f"probe data {args.probe_data}: kNN on {len(val)} val images, bank of {len(train)} train images, "
+          f"{len(train.classes)} classes, every --val_interval epochs")
+    return train, val, len(train.classes)
+
+
+def log_probe_knn(model, probe, device, args, epoch, log_writer):
+    train, val, classes = probe
+    acc = knn_monitor(model, val, device, args, dataset_train=train, nb_classes=classes)
+    print(f"probe kNN (k={acc['k']}) on {acc['n']} --probe_data val images: top-1 {acc['acc1']:.2f}  "
+          f"top-5 {acc['acc5']:.2f}")
+    if log_writer is not None:
+        log_writer.add_scalar("probe/knn_acc1", acc["acc1"], epoch)
+        log_writer.add_scalar("probe/knn_acc5", acc["acc5"], epoch)
+    return {"probe_knn_acc1": acc["acc1"], "probe_knn_acc5": acc["acc5"]}
+
+
 def build_train_loader(args, device):
     """MAE's augmentation in the DataLoader workers (by default util/jpeg.py's fast decode
     + crop, normalised on the device; --fast_decode false: all PIL) or, with --gpu_decode,
@@ -180,7 +218,7 @@ class CompiledFeatures:
 
 
 def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run, dataset_val, vis_imgs,
-          log_writer):
+          log_writer, probe=None):
     """Epochs from run.epoch to the end, with monitoring and a checkpoint after every epoch."""
     saver = ckpt.CheckpointSaver(args, model_without_ddp, optimizer, scaler, run, device)
     features = CompiledFeatures(model_without_ddp) if args.compile and exact_accumulation(args) else model_without_ddp
@@ -198,6 +236,8 @@ def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run
             if args.online_probe:  # needs labels; the diagnostics below do not
                 stats.update(log_online_probe(model_without_ddp, dataset_val, device, args, epoch, log_writer))
             stats.update(log_diagnostics(model_without_ddp, dataset_val, device, args, epoch, log_writer))
+            if probe is not None:
+                stats.update(log_probe_knn(model_without_ddp, probe, device, args, epoch, log_writer))
         if args.vis_every and get_rank() == 0 and ((epoch + 1) % args.vis_every == 0 or last):
             path = save_reconstructions(model_without_ddp, vis_imgs, args.mask_ratio, args.output_dir,
                                         epoch, log_writer)
@@ -229,6 +269,7 @@ def main(args):
     loader = build_train_loader(args, device)
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size)) \
         if args.val_interval or args.vis_every else None
+    probe = build_probe(args) if args.val_interval else None
 
     model = build_model(args).to(device)
     model_without_ddp = model
@@ -260,7 +301,7 @@ def main(args):
     run_with_retries(
         args, run,
         lambda: train(args, model, model_without_ddp, loader, optimizer, scaler, device, run, dataset_val,
-                      vis_imgs, log_writer),
+                      vis_imgs, log_writer, probe),
         lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler, run))
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
     if log_writer is not None:

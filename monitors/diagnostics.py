@@ -8,7 +8,9 @@ features z (what the probe and the regulariser see) give:
 - dims99: how many principal directions hold 99% of the variance,
 - uniformity (U-MAE's loss) and TCR (M-MAE's loss) on the L2-normalised features,
   with all m images as one batch (so their scale depends on m, not on the
-  training batch).
+  training batch);
+and, masked at the training ratio with masks fixed per image (reconstruction_loss),
+the MAE loss on the same images. None of these needs a label.
 
 Memory stays O(d^2) whatever the number of images: only sums over chunks are
 kept (float64), and on several processes each rank sums its own shard and the
@@ -119,6 +121,32 @@ def feature_stats(model, loader, device, amp="none", uniformity_mu=1.0, centerin
     return stats.all_reduce().compute(uniformity_mu, centering)
 
 
+@torch.no_grad()
+def reconstruction_loss(model, dataset, device, args):
+    """Mean MAE loss on `dataset` at args.mask_ratio, in float32. Image i's mask comes from
+    row i of a noise table seeded by args.seed alone, so every epoch (and any number of
+    ranks) masks the same patches: the values are comparable across epochs, and the
+    CPU generator is left as it was."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand(len(dataset), model.patch_embed.num_patches, generator=g)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    loader = eval_loader(dataset, args)
+    order = list(loader.sampler)
+    seen = 0
+    with torch.random.fork_rng(devices=[]):  # the DataLoader's iterator draws its base seed from it
+        for imgs, _ in loader:
+            n = imgs.shape[0]
+            idx = torch.tensor(order[seen:seen + n])
+            seen += n
+            loss = model(imgs.to(device), args.mask_ratio, noise[idx].to(device)).loss
+            sums += torch.stack([loss.double() * n, torch.tensor(n, device=device, dtype=torch.float64)])
+    model.train(was_training)
+    total, n = all_reduce_sum(sums).tolist()
+    return total / max(n, 1)
+
+
 def spectrum_plot(singular_values, title="", width=480, height=320):
     """log10 singular values against their index, as a PIL image (no matplotlib)."""
     # float64 eigenvalues of a rank-deficient matrix leave noise near 1e-7 * s_max: cut there
@@ -165,23 +193,38 @@ def summary_line(d):
             f"uniformity {d['uniformity']:.4f}  tcr {d['tcr']:.4f}  (on {d['n']} val images)")
 
 
+def label_free_diagnostics(model, images, device, args):
+    """(values, console line): the fixed-mask reconstruction loss, and the feature
+    diagnostics where there are 2 images or more (a held-out set of 1, the default 1% of a
+    small tree, has no spread: those are left out, said in the line, not a crash)."""
+    d = {"recon_loss": reconstruction_loss(model, images, device, args)}
+    recon = f"reconstruction loss {d['recon_loss']:.4f} at mask ratio {args.mask_ratio} (fixed masks)"
+    if len(images) < 2:
+        return d, (f"diagnostics: {len(images)} val image: effective rank, uniformity and TCR need 2 "
+                   f"or more (raise --holdout); {recon}")
+    d.update(feature_stats(model, eval_loader(images, args), device, args.amp, args.uniformity_mu, args.centering))
+    return d, "diagnostics: " + summary_line(d) + "; " + recon
+
+
 def log_diagnostics(model, dataset_val, device, args, epoch, log_writer=None):
-    """The pretraining hook: diagnostics on --diag_images val images (and, with
-    --knn_monitor, kNN accuracy); logs to TensorBoard and returns log.txt stats.
+    """The pretraining hook: diagnostics and the fixed-mask reconstruction loss on
+    --diag_images val images (none needs labels), and with --knn_monitor kNN accuracy;
+    logs to TensorBoard and returns log.txt stats.
     Every rank must call it (the sums are all-reduced)."""
     if not getattr(args, "diag_images", 0) and not getattr(args, "knn_monitor", False):
         return {}
     stats = {}
     if args.diag_images:
-        loader = eval_loader(diag_subset(dataset_val, args.diag_images), args)
-        d = feature_stats(model, loader, device, args.amp, args.uniformity_mu, args.centering)
-        print("diagnostics: " + summary_line(d))
-        stats = {f"diag_{k}": d[k] for k in ("effective_rank", "dims99", "uniformity", "tcr")}
+        d, line = label_free_diagnostics(model, diag_subset(dataset_val, args.diag_images), device, args)
+        print(line)
+        keys = [k for k in ("effective_rank", "dims99", "uniformity", "tcr", "recon_loss") if k in d]
+        stats = {f"diag_{k}": d[k] for k in keys}
         if log_writer is not None and is_main_process():
-            for k in ("effective_rank", "dims99", "uniformity", "tcr"):
+            for k in keys:
                 log_writer.add_scalar(f"diag/{k}", d[k], epoch)
-            plot = spectrum_plot(d["singular_values"], f"epoch {epoch}: erank {d['effective_rank']:.1f}")
-            log_writer.add_image("diag/spectrum", pil_to_tensor(plot), epoch)
+            if "singular_values" in d:
+                plot = spectrum_plot(d["singular_values"], f"epoch {epoch}: erank {d['effective_rank']:.1f}")
+                log_writer.add_image("diag/spectrum", pil_to_tensor(plot), epoch)
     if getattr(args, "knn_monitor", False):
         acc = knn_monitor(model, dataset_val, device, args)
         print(f"kNN (k={acc['k']}) on {acc['n']} val images: top-1 {acc['acc1']:.2f}  top-5 {acc['acc5']:.2f}")

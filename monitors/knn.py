@@ -66,8 +66,9 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, nb_classes, k=20, tem
 _BANKS = {}  # the train split with eval transform, built once per run (listing ImageNet takes a while)
 
 
-def knn_monitor(model, dataset_val, device, args, dataset_train=None):
-    """kNN accuracy of the model: train split (eval transform) as bank, val as queries."""
+def knn_monitor(model, dataset_val, device, args, dataset_train=None, nb_classes=None):
+    """kNN accuracy of the model: train split (eval transform) as bank, val as queries
+    (another labelled set, e.g. main_pretrain's --probe_data: pass both and its nb_classes)."""
     if dataset_train is None:
         key = (args.dataset, args.data_path, args.class_subset, args.input_size, args.synthetic_size)
         if key not in _BANKS:
@@ -75,5 +76,5 @@ def knn_monitor(model, dataset_val, device, args, dataset_train=None):
         dataset_train = _BANKS[key]
     bank, bank_labels = extract_features(model, eval_loader(dataset_train, args), device, args.amp)
     queries, labels = extract_features(model, eval_loader(dataset_val, args), device, args.amp)
-    return knn_accuracy(bank, bank_labels, queries, labels, args.nb_classes,
+    return knn_accuracy(bank, bank_labels, queries, labels, nb_classes or args.nb_classes,
                         getattr(args, "knn_k", 20), getattr(args, "knn_t", 0.07))

@@ -390,3 +390,229 @@ def test_skip_bad_images_counts_them_in_log_txt(tmp_path, ranks):
         assert "epoch 1: 1 unreadable training images skipped" in proc.stdout
         weights.append(torch.load(tmp_path / run / "checkpoint-1.pth", weights_only=True)["model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+LISTING_SCRIPT = '''
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import argparse
+from util.dist import get_rank, init_distributed_mode
+from util.datasets import build_dataset
+from util.errors import UserError
+init_distributed_mode(argparse.Namespace(device="cpu", dist_timeout=2))
+calls = []
+real_scandir = os.scandir
+os.scandir = lambda *a: calls.append(a) or real_scandir(*a)  # os.walk walks with it
+args = argparse.Namespace(dataset=None, data_path={data!r}, labels="none", holdout=0.1, class_subset=None)
+train = [p for p, _ in build_dataset(args, "train", None).samples]
+val = [p for p, _ in build_dataset(args, "val", None).samples]
+try:
+    build_dataset(argparse.Namespace(**{{**vars(args), "data_path": {empty!r}}}), "train", None)
+    err = None
+except UserError as e:
+    err = str(e)
+json.dump(dict(train=train, val=val, scandirs=len(calls), err=err), open(f"{out}/rank{{get_rank()}}.json", "w"))
+'''
+
+
+def test_only_rank0_lists_the_tree_and_every_rank_gets_its_list(tmp_path):
+    """2 gloo ranks: rank 0 walks the tree once (train and val share the listing), rank 1
+    never touches the file system's directories and gets the same lists; an empty tree
+    is the same error on both ranks instead of rank 1 waiting in the broadcast."""
+    import json
+    from conftest import REPO, run_script
+    data, empty = tmp_path / "data", tmp_path / "empty"
+    for i in range(12):
+        (data / f"d{i % 3}" / "deep").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(data / f"d{i % 3}" / "deep" / f"{i}.png")
+    empty.mkdir()
+    script = tmp_path / "listing.py"
+    script.write_text(LISTING_SCRIPT.format(repo=REPO, data=str(data), empty=str(empty), out=str(tmp_path)))
+    proc = run_script(script, torchrun=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r1["scandirs"] == 0 and r0["scandirs"] == 1 + 3 * 2 + 1  # data, 3 x (d, deep), empty: each once
+    assert r0["train"] == r1["train"] and r0["val"] == r1["val"]
+    assert len(r0["train"]) == 11 and len(r0["val"]) == 1 and sorted(r0["train"] + r0["val"]) == list_images(data)
+    assert r0["err"] == r1["err"] and "no image files" in r0["err"]
+    assert "listed 12 images in 7 folders below" in proc.stdout
+
+
+def test_fixed_mask_reconstruction_loss_is_repeatable_and_draws_no_rng():
+    """The monitor's masks are fixed per image (seeded by --seed alone): the same model gives
+    the same value at every call (so epochs compare), a subset order does not matter, and the
+    global RNG a training run draws from is untouched."""
+    import argparse
+    import torch
+    import models_mae
+    from monitors.diagnostics import reconstruction_loss
+    torch.manual_seed(0)
+    model = models_mae.MODELS["mae_vit_tiny_patch16"](img_size=32, patch_size=4, nb_classes=1)
+    data = [(torch.randn(3, 32, 32), -1) for _ in range(10)]
+    args = argparse.Namespace(seed=0, mask_ratio=0.75, batch_size=4, num_workers=0, pin_mem=False)
+    state = torch.get_rng_state()
+    a, b = reconstruction_loss(model, data, "cpu", args), reconstruction_loss(model, data, "cpu", args)
+    assert torch.equal(state, torch.get_rng_state()) and model.training
+    assert a == b and 0.5 < a < 3  # unit-variance pixels: a random decoder's loss is about 1
+    other = reconstruction_loss(model, data, "cpu", argparse.Namespace(**{**vars(args), "seed": 1}))
+    assert other != a  # other masks, another value: the masks do come from the seed
+
+
+@pytest.fixture(scope="module")
+def unlabeled_run(tmp_path_factory):
+    """2 epochs on a classless tree of 40 noise images, 8 held out, monitors every epoch."""
+    from conftest import TINY, run_script
+    root = tmp_path_factory.mktemp("unlabeled")
+    data, out = root / "data", root / "out"
+    for i in range(40):
+        (data / f"s{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(
+            data / f"s{i % 4}" / f"{i}.png")
+    proc = run_script("main_pretrain.py", *TINY, "--epochs", "2", "--data_path", data, "--labels", "none",
+                      "--holdout", "0.2", "--val_interval", "1", "--diag_images", "8", "--vis_every", "1",
+                      "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return data, out, proc
+
+
+def test_unlabeled_tree_logs_label_free_monitors_every_eval_epoch(unlabeled_run):
+    """log.txt and TensorBoard have, per epoch, the held-out images' fixed-mask reconstruction
+    loss (near the training loss), effective rank, uniformity and TCR, all finite; the
+    reconstruction pictures are written."""
+    import json
+    import math
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, out, proc = unlabeled_run
+    stats = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [s["epoch"] for s in stats] == [0, 1]
+    keys = ("diag_recon_loss", "diag_effective_rank", "diag_uniformity", "diag_tcr", "diag_dims99")
+    for s in stats:
+        assert all(math.isfinite(s[k]) for k in keys), s
+        assert 0.3 < s["diag_recon_loss"] / s["train_loss_mae"] < 3, s  # the same loss on unseen images
+        assert 1 <= s["diag_effective_rank"] <= 7 + 1e-6 and 0 < s["diag_uniformity"] <= 1
+    assert "reconstruction loss" in proc.stdout and "(fixed masks)" in proc.stdout
+    events = EventAccumulator(str(out)).Reload()
+    for tag in ("diag/recon_loss", "diag/effective_rank", "diag/uniformity", "diag/tcr"):
+        assert [e.step for e in events.Scalars(tag)] == [0, 1], tag
+    assert events.Scalars("diag/recon_loss")[-1].value == pytest.approx(stats[-1]["diag_recon_loss"])
+    assert (out / "reconstruction-0.png").is_file() and (out / "reconstruction-1.png").is_file()
+
+
+def test_analyze_an_unlabeled_checkpoint_and_tree(unlabeled_run, tmp_path):
+    """main_analyze.py --labels none: the label-free diagnostics and the reconstruction loss on
+    the run's 8 held-out images (its --holdout, from the checkpoint), kNN and linear skipped
+    with one line; the reconstruction loss is the pretraining monitor's value (same masks)."""
+    import json
+    from conftest import run_script
+    data, out, _ = unlabeled_run
+    proc = run_script("main_analyze.py", "--checkpoint", out / "checkpoint-1.pth", "--data_path", data,
+                      "--labels", "none", "--num_workers", "0", "--batch_size", "4", "--output_dir", tmp_path,
+                      "--out_json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("kNN and linear evaluation skipped (they need labels)") == 1
+    assert "held out 8 of 40 images" in proc.stdout
+    r = json.load(open(tmp_path / "r.json"))
+    assert "knn" not in r and "linear" not in r and r["diagnostics"]["n"] == 8
+    assert 1 <= r["diagnostics"]["effective_rank"] <= 7 + 1e-6
+    last = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert r["recon_loss"] == pytest.approx(last["diag_recon_loss"], rel=1e-5)
+    assert (tmp_path / "spectrum.png").is_file() and (tmp_path / "reconstruction-analysis.png").is_file()
+
+
+def test_unlabeled_source_killed_and_relaunched_ends_at_the_uninterrupted_weights(tmp_path):
+    """kill -9 twice mid-run (a checkpoint after every step, the label-free monitors every
+    epoch) on a classless tree, relaunched with the same command: the final weights equal an
+    uninterrupted run's bit for bit (the listing, the held-out split and the per-sample
+    seeding do not depend on the restart)."""
+    import signal
+    from test_survival import RUN, assert_same_weights, final_model, kill_group, launch, wait_for_position
+    data = tmp_path / "data"
+    for i in range(72):  # 8 held out, 64 train: 4 steps of 16 per epoch
+        (data / f"s{i % 5}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(
+            data / f"s{i % 5}" / f"{i}.png")
+    extra = ["--data_path", data, "--labels", "none", "--holdout", "0.11", "--val_interval", "1",
+             "--diag_images", "8"]
+    ref = launch(tmp_path / "ref", *extra)
+    stdout, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-2000:]
+    assert "held out 8 of 72 images" in stdout and "4 steps/epoch" in stdout
+    out = tmp_path / "killed"
+    for target in ((0, 2), (1, 1)):
+        proc = launch(out, *extra)
+        wait_for_position(proc, out, target)
+        kill_group(proc, signal.SIGKILL)
+        assert not (out / "checkpoint-1.pth").exists()  # killed before the end
+    proc = launch(out, *extra)
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert "resumed from" in stdout
+    assert_same_weights(final_model(tmp_path / "ref"), final_model(out))
+
+
+def test_one_held_out_image_logs_the_reconstruction_loss_not_a_traceback(tmp_path):
+    """The default --holdout 0.01 of a 20-image tree holds out 1 image: the pretraining
+    monitors log its reconstruction loss and say why the feature diagnostics are left out
+    (they need 2); main_analyze on it is one error line naming --holdout."""
+    import json
+    import math
+    from conftest import TINY, assert_one_line_error, run_script
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(20):
+        Image.new("RGB", (40, 36), (i * 9, 50, 100)).save(data / f"{i}.png")
+    out = tmp_path / "out"
+    proc = run_script("main_pretrain.py", *TINY, "--data_path", data, "--labels", "none", "--val_interval", "1",
+                      "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held out 1 of 20 images" in proc.stdout and "need 2 or more (raise --holdout)" in proc.stdout
+    stats = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert math.isfinite(stats["diag_recon_loss"]) and "diag_effective_rank" not in stats
+    proc = run_script("main_analyze.py", "--checkpoint", out / "checkpoint-0.pth", "--data_path", data,
+                      "--labels", "none", "--num_workers", "0", "--output_dir", tmp_path)
+    assert_one_line_error(proc, "1 val image", "raise --holdout")
+
+
+def test_probe_data_gives_knn_accuracy_while_pretraining_unlabeled(tmp_path):
+    """--probe_data: a small labelled ImageFolder beside an unlabeled --data_path gives kNN
+    top-1/top-5 on its val split every eval epoch (log.txt probe_knn_*, TensorBoard probe/),
+    the online classifier staying off; a probe folder without class folders is one line."""
+    import json
+    from conftest import TINY, assert_one_line_error, run_script
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    data, probe = tmp_path / "data", tmp_path / "probe"
+    data.mkdir()
+    for i in range(20):
+        Image.new("RGB", (40, 36), (i * 9, 50, 100)).save(data / f"{i}.png")
+    for split, n in (("train", 6), ("val", 3)):
+        for c, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            (probe / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 36), tuple(v + 5 * i for v in colour)).save(probe / split / c / f"{i}.png")
+    out = tmp_path / "out"
+    args = [*TINY, "--data_path", data, "--labels", "none", "--holdout", "0.2", "--val_interval", "1",
+            "--diag_images", "4", "--output_dir", out]
+    proc = run_script("main_pretrain.py", *args, "--probe_data", probe)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kNN on 6 val images, bank of 12 train images, 2 classes" in proc.stdout
+    stats = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert 0 <= stats["probe_knn_acc1"] <= stats["probe_knn_acc5"] == 100  # 2 classes: top-5 holds both
+    assert not any("loss_ce" in k or "online" in k for k in stats)
+    events = EventAccumulator(str(out)).Reload()
+    assert events.Scalars("probe/knn_acc1")[-1].value == pytest.approx(stats["probe_knn_acc1"])
+    bad = run_script("main_pretrain.py", *args[:-1], tmp_path / "out2", "--probe_data", data)
+    assert_one_line_error(bad, f"--probe_data {data} needs labels")
+
+
+def test_listing_prints_a_running_count_and_its_time(tmp_path):
+    """A long walk says it is alive: with the period at 0 every folder reports the running
+    count; the end gives the total and the time."""
+    import io
+    make_mixed_tree(tmp_path)
+    out = io.StringIO()
+    list_images(tmp_path, progress_s=0, out=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"listing {tmp_path}: 1 images in 1 folders so far (0 s)"  # deep16.png at the top
+    assert [line.split(": ")[1].split(" (")[0] for line in lines[1:-1]] == [
+        "2 images in 2 folders so far", "3 images in 3 folders so far", "6 images in 4 folders so far"]
+    assert lines[-1].startswith(f"listed 6 images in 4 folders below {tmp_path} in ")

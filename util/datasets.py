@@ -22,9 +22,9 @@ from torchvision.transforms import functional as F
 from util.dist import all_reduce_sum, get_rank, get_world_size
 from util.errors import BadImage, UserError
 from util.jpeg import DecodeCrop
-from util.sources import (PIL_MAX_PIXELS, ImageReader, ListedImages, holdout_split, list_images, names_digest,
-                          read_file_list)
-from util.shards import ShardImageFolder, is_shard_split, unfinished_conversion
+from util.sources import (PIL_MAX_PIXELS, ImageReader, ListedImages, holdout_split, names_digest, read_file_list,
+                          shared_list_images)
+from util.shards import ShardImageFolder, is_shard_split, read_bytes, unfinished_conversion
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -206,6 +206,9 @@ def build_dataset(args, split, transform, loader=None):
                         "use --labels none)") from None
 
 
+_ANNOUNCED = set()  # held-out splits already described in this process
+
+
 def build_listed(args, split, transform, loader=None):
     """A file list or an unlabeled tree (util.sources). Without val/, `split` is a
     fixed-seed held-out part of the sorted list, the same at every world size."""
@@ -214,18 +217,20 @@ def build_listed(args, split, transform, loader=None):
     if os.path.isfile(path):
         paths, labels = read_file_list(path)
     elif has_splits:
-        return ListedImages(list_images(os.path.join(path, split)), None, transform, loader)
+        return ListedImages(shared_list_images(os.path.join(path, split)), None, transform, loader)
     else:
-        paths, labels = list_images(path), None
+        paths, labels = shared_list_images(path), None
     base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))  # digest not tied to the mount
-    train, held = held_out(args, split, [os.path.relpath(p, base) for p in paths])
+    train, held = held_out(args, path, [os.path.relpath(p, base) for p in paths])
     return ListedImages(paths, labels, transform, loader).subset(train if split == "train" else held)
 
 
-def held_out(args, split, names):
-    """(train, held) indices of the sorted names (util.sources.holdout_split), stated once."""
+def held_out(args, source, names):
+    """(train, held) indices of the sorted names (util.sources.holdout_split), stated once per
+    source, whichever split is built first (main_analyze builds val alone)."""
     train, held = holdout_split(names, args.holdout)
-    if split == "train":
+    if source not in _ANNOUNCED:
+        _ANNOUNCED.add(source)
         print(f"held out {len(held)} of {len(names)} images for val "
               f"(sha256 of their names {names_digest([names[i] for i in held])})")
     return train, held
@@ -247,7 +252,7 @@ def build_shards(args, split, transform, loader):
         raise UserError(f"{root}: shards of an unlabeled source (no classes): use --labels none")
     if has_val:
         return ds
-    train, held = held_out(args, split, [n for n, _ in ds.samples])
+    train, held = held_out(args, root, [n for n, _ in ds.samples])
     return ds.subset(train if split == "train" else held)
 
 

@@ -7,11 +7,13 @@ import hashlib
 import io
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
 from PIL import Image
 
+from util.dist import broadcast_object, get_rank
 from util.errors import BadImage, UserError
 from util.shards import read_bytes
 
@@ -29,20 +31,51 @@ def is_image_name(name):
     return name.lower().endswith(IMAGE_EXTS)
 
 
-def list_images(root, progress_every=100_000, out=sys.stdout):
+def list_images(root, progress_s=10.0, out=sys.stdout):
     """Every image file below `root` (any nesting), sorted, so every rank and restart
-    sees the same order. Prints a running count for big trees."""
-    found = []
+    sees the same order. On a slow file system a running count every `progress_s` seconds
+    says the walk is alive; the end says how long it took."""
+    found, folders, t0 = [], 0, time.monotonic()
+    last = t0
     for folder, dirs, files in os.walk(root, followlinks=True):
         dirs.sort()
-        for f in files:
-            if is_image_name(f):
-                found.append(os.path.join(folder, f))
-                if len(found) % progress_every == 0:
-                    print(f"listing {root}: {len(found)} images so far", file=out, flush=True)
+        folders += 1
+        found.extend(os.path.join(folder, f) for f in files if is_image_name(f))
+        if time.monotonic() - last >= progress_s:
+            last = time.monotonic()
+            print(f"listing {root}: {len(found):,} images in {folders:,} folders so far ({last - t0:.0f} s)",
+                  file=out, flush=True)
     if not found:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTS)}) below {root}")
-    return sorted(found)
+    found.sort()
+    print(f"listed {len(found):,} images in {folders:,} folders below {root} in {time.monotonic() - t0:.1f} s",
+          file=out, flush=True)
+    return found
+
+
+_LISTED = {}  # root -> its listing, for the rest of the process
+
+
+def shared_list_images(root):
+    """list_images(root) walked by rank 0 alone and sent to the other ranks (one broadcast
+    of the names relative to root): on a network file system every rank walking millions
+    of files is slow, and ranks that saw the tree at different moments would disagree.
+    Kept for the process, so the train and val splits come from the same listing. A
+    failure on rank 0 is the same one line on every rank, not a hang."""
+    key = os.path.abspath(root)
+    if key not in _LISTED:
+        prefix = os.path.join(root, "")  # os.walk's paths all start with it
+        reply = None
+        if get_rank() == 0:
+            try:
+                reply = [p[len(prefix):] for p in list_images(root)]
+            except UserError as e:
+                reply = e
+        reply = broadcast_object(reply)
+        if isinstance(reply, UserError):
+            raise reply
+        _LISTED[key] = [prefix + name for name in reply]
+    return list(_LISTED[key])
 
 
 def read_file_list(path):
