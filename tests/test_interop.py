@@ -248,6 +248,61 @@ def test_interop_hf_folder_has_the_training_preprocessing(tmp_path):
                                    atol=ATOL, rtol=0)
 
 
+def eval_md_block(needle):
+    """The python block of EVAL.md that contains `needle`, as it stands."""
+    import re
+    text = open(os.path.join(REPO, "EVAL.md")).read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if needle in b]
+    assert len(blocks) == 1, needle
+    return blocks[0]
+
+
+def with_statement_replaced(code, prefix, new):
+    """`code` with the (multi-line) statement that starts with `prefix` replaced by `new`."""
+    import ast
+    stmt = [n for n in ast.parse(code).body if ast.get_source_segment(code, n).startswith(prefix)]
+    assert len(stmt) == 1, prefix
+    lines = code.splitlines()
+    return "\n".join(lines[:stmt[0].lineno - 1] + [new] + lines[stmt[0].end_lineno:]) + "\n"
+
+
+def test_interop_eval_md_feature_code_gives_our_features_quietly(tmp_path, capsys):
+    """EVAL.md's timm and transformers code, run as it stands in a fresh interpreter (the
+    paths, and for timm the create_model call a tiny export prints, put in): tokens and
+    features are our encoder's on every patch in order (ViTModel, and ViTMAEModel at mask
+    ratio 0 with increasing noise: not shuffled), and nothing at all is printed (no type
+    warning, no load report of the decoder's tensors, no progress bar)."""
+    model = tiny_mae()
+    ckpt = save_ours(tmp_path, model)
+    main_export.export_hf(ckpt, str(tmp_path / "hf"))
+    capsys.readouterr()
+    main_export.export_timm(ckpt, str(tmp_path / "enc.safetensors"))
+    call = capsys.readouterr().out.splitlines()[1].strip()
+    timm_code = with_statement_replaced(eval_md_block("timm.create_model"), "m = timm.create_model", call)
+    timm_code = timm_code.replace('"mmae.safetensors"', repr(str(tmp_path / "enc.safetensors")))
+    hf_code = eval_md_block("ViTMAEModel.from_pretrained").replace('"mmae_hf"', repr(str(tmp_path / "hf")))
+    assert repr(str(tmp_path / "hf")) in hf_code and "enc.safetensors" in timm_code
+    g = torch.Generator().manual_seed(9)  # 40 px images: timm's transform resizes and crops them to 32
+    torch.save(torch.randint(0, 256, (2, 40, 40, 3), generator=g, dtype=torch.uint8), tmp_path / "img.pt")
+    prelude = ("import PIL.Image, torch\n"
+               f"pil_images = [PIL.Image.fromarray(a.numpy()) for a in torch.load({str(tmp_path / 'img.pt')!r})]\n")
+    save = (f"torch.save(dict(x=timm_x, tokens=timm_tokens, feats=timm_feats, pixels=pixels, vit=feats, "
+            f"mae=feats_mae), {str(tmp_path / 'out.pt')!r})\n")
+    script = (prelude + timm_code + "timm_x, timm_tokens, timm_feats = x, tokens, feats\n" + hf_code + save)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout + proc.stderr == "", (proc.stdout + proc.stderr)[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(out["tokens"], unmasked_latent(model, out["x"]), atol=ATOL, rtol=0)
+        ours = unmasked_latent(model, out["pixels"])
+    torch.testing.assert_close(out["feats"], out["tokens"][:, 0], atol=0, rtol=0)
+    torch.testing.assert_close(out["vit"], ours, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out["mae"], ours, atol=ATOL, rtol=0)
+
+
 def hf_pretraining_model(seed=4):
     """An HF ViTMAEForPreTraining of SHAPE, built and saved by transformers itself."""
     cfg = transformers.ViTMAEConfig(
