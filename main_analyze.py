@@ -38,9 +38,10 @@ from util.vis import save_reconstructions
 # Settings read from the checkpoint's args when not given on the command line.
 FROM_CHECKPOINT = {"model": None, "input_size": 224, "patch_size": None, "global_pool": False,
                    "norm_pix_loss": False, "mask_ratio": 0.75, "uniformity_mu": 1.0, "centering": False,
-                   "depth": None, "decoder_embed_dim": None, "decoder_depth": None,
+                   "depth": None, "decoder_embed_dim": None, "decoder_depth": None, "decoder_num_heads": None,
+                   "decoder_mlp_ratio": None,
                    "holdout": 0.01}  # the run's held-out images, for a source without val/
-SHAPE_KEYS = ("patch_size", "depth", "decoder_embed_dim", "decoder_depth")
+SHAPE_KEYS = ("patch_size", "depth", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio")
 POOLS = ("cls", "avg")
 
 
@@ -53,7 +54,7 @@ def get_args_parser():
     g.add_argument("--model", help=", ".join(models_mae.MODELS) + " (default: from the checkpoint)")
     g.add_argument("--patch_size", type=int, help="override the model's patch size")
     for k in SHAPE_KEYS[1:]:
-        g.add_argument(f"--{k}", type=int, help=f"override the model's {k}")
+        g.add_argument(f"--{k}", type=float if k.endswith("ratio") else int, help=f"override the model's {k}")
     add_bool(g, "--global_pool", None, "analyse the mean patch token instead of cls")
     g.add_argument("--pools", default=None,
                    help="comma-separated feature poolings to analyse, of cls and avg (default: the one "

@@ -57,7 +57,8 @@ def sizes():
             out[m.cls_token.shape[-1]] = dict(
                 name=name, size=name.split("_")[2], depth=len(m.blocks), patch_size=m.patch_size,
                 num_heads=m.blocks[0].attn.num_heads, decoder_embed_dim=m.decoder_embed.out_features,
-                decoder_depth=len(m.decoder_blocks), decoder_num_heads=m.decoder_blocks[0].attn.num_heads)
+                decoder_depth=len(m.decoder_blocks), decoder_num_heads=m.decoder_blocks[0].attn.num_heads,
+                decoder_mlp_ratio=m.decoder_blocks[0].mlp.fc1.out_features / m.decoder_embed.out_features)
     return out
 
 
@@ -69,10 +70,25 @@ def registry_size(width, source):
     return known[width]
 
 
+SHAPE_KEYS = ("patch_size", "depth", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio")
+
+
 def overrides(shape, entry):
     """models_mae keywords (and main_pretrain flags) for a shape that differs from its registry size."""
-    return {k: shape[k] for k in ("patch_size", "depth", "decoder_embed_dim", "decoder_depth")
-            if shape.get(k) and shape[k] != entry[k]}
+    return {k: shape[k] for k in SHAPE_KEYS if shape.get(k) and shape[k] != entry[k]}
+
+
+def with_decoder(shape, entry, heads, source):
+    """`shape` (interop.describe) with the decoder's head count (from a config or saved args:
+    the weights do not show it) and MLP ratio, when it has a decoder."""
+    if not shape["decoder_depth"]:
+        return shape
+    dim, mlp = shape["decoder_embed_dim"], shape["decoder_mlp_dim"]
+    heads = heads or entry["decoder_num_heads"]
+    if dim % heads or int(dim * (mlp / dim)) != mlp:
+        raise UserError(f"{source} has a {dim}-wide decoder with {heads} heads and MLP width {mlp}: "
+                        "no model of this codebase has that shape")
+    return {**shape, "decoder_num_heads": heads, "decoder_mlp_ratio": mlp / dim}
 
 
 # ---- reading our checkpoints -----------------------------------------------------------
@@ -92,6 +108,7 @@ def read_ours(path):
         raise UserError(f"checkpoint {path} {e}: not a pretraining or fine-tuning checkpoint") from None
     kind = "classifier" if any(k.startswith(("head.", "fc_norm.")) for k in sd) else "pretrain"
     entry = registry_size(shape["embed_dim"], f"checkpoint {path}")
+    shape = with_decoder(shape, entry, args.get("decoder_num_heads"), f"checkpoint {path}")
     if shape["mlp_dim"] != 4 * shape["embed_dim"]:
         raise UserError(f"checkpoint {path} has MLP width {shape['mlp_dim']}, not 4 x {shape['embed_dim']}: "
                         "no model of this codebase has that shape")
@@ -176,6 +193,8 @@ def data_config(img, num_classes):
 
 def export_timm(path, out):
     import timm
+    if not out.endswith(".safetensors"):  # a .pth name would claim a torch.save file
+        raise UserError(f"--format timm writes safetensors: name --output {out} *.safetensors")
     sd, args, kind, shape, entry = read_ours(path)
     global_pool = "fc_norm.weight" in sd if kind == "classifier" else bool(args.get("global_pool"))
     n_cls = sd["head.weight"].shape[0] if kind == "classifier" else 0
@@ -207,8 +226,8 @@ def hf_config(shape, entry, decoder, norm_pix_loss, mask_ratio):
         image_size=shape["grid"] * shape["patch_size"], patch_size=shape["patch_size"], num_channels=3,
         decoder_hidden_size=shape["decoder_embed_dim"] or entry["decoder_embed_dim"],
         decoder_num_hidden_layers=shape["decoder_depth"] or entry["decoder_depth"],
-        decoder_num_attention_heads=entry["decoder_num_heads"],
-        decoder_intermediate_size=4 * (shape["decoder_embed_dim"] or entry["decoder_embed_dim"]),
+        decoder_num_attention_heads=shape.get("decoder_num_heads") or entry["decoder_num_heads"],
+        decoder_intermediate_size=shape["decoder_mlp_dim"] or 4 * entry["decoder_embed_dim"],
         mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
         architectures=["ViTMAEForPreTraining" if decoder else "ViTMAEModel"])
 
@@ -319,17 +338,21 @@ def read_hf_folder(path):
     sd = interop.from_hf(hf_sd, interop.hf_table(cfg["num_hidden_layers"], decoder, prefix))
     if dropped:
         print(f"left out of the import: {len(dropped)} tensors of {sorted({k.split('.')[0] for k in dropped})}")
-    return sd, dict(norm_pix_loss=bool(cfg.get("norm_pix_loss", False)), mask_ratio=float(cfg.get("mask_ratio", 0.75)))
+    # HF's ViTMAEConfig defaults (mask 0.75, no norm_pix_loss) where the config does not say
+    settings = dict(norm_pix_loss=bool(cfg.get("norm_pix_loss", False)), mask_ratio=float(cfg.get("mask_ratio", 0.75)))
+    if decoder:  # the weights do not show it (the decoder's width, depth and MLP width they do)
+        settings["decoder_num_heads"] = cfg.get("decoder_num_attention_heads", 16)
+    return sd, settings
 
 
 def _check_hf_config(cfg, path):
-    """Settings of an HF config that models_mae cannot express."""
+    """Settings of an HF config that models_mae cannot express. The decoder's are not among
+    them: its width, depth and MLP width come from the weights and its head count from the
+    config (models_mae takes each), and an encoder-only folder's config keeps HF's decoder
+    defaults, which describe nothing it holds."""
     entry = registry_size(cfg.get("hidden_size"), f"{path}")
     want = dict(hidden_act="gelu", qkv_bias=True, num_channels=3, num_attention_heads=entry["num_heads"],
                 intermediate_size=4 * cfg["hidden_size"])
-    if cfg.get("model_type") == "vit_mae":
-        want.update(decoder_num_attention_heads=entry["decoder_num_heads"],
-                    decoder_intermediate_size=4 * cfg.get("decoder_hidden_size", 0))
     bad = [f"{k} {cfg.get(k, want[k])!r} (needs {v!r})" for k, v in want.items() if cfg.get(k, v) != v]
     for k in ("image_size", "patch_size"):
         if not isinstance(cfg.get(k, 0), int):
@@ -373,21 +396,39 @@ def import_weights(src, out):
     except UserError as e:
         raise UserError(f"{src} {e}") from None
     entry = registry_size(shape["embed_dim"], src)
+    shape = with_decoder(shape, entry, settings.pop("decoder_num_heads", None), src)
+    _refuse_zero_positions(sd, src)
     _load_into_ours(sd, "pretrain", shape, entry, src)
     flags = overrides(shape, entry)
     args = dict(model=entry["name"], input_size=shape["grid"] * shape["patch_size"], patch_size=shape["patch_size"],
-                global_pool=False, **{k: flags.get(k) for k in ("depth", "decoder_embed_dim", "decoder_depth")},
+                global_pool=False, **{k: flags.get(k) for k in SHAPE_KEYS[1:]},
                 **settings, imported_from=os.path.abspath(src))
     _write(out, lambda tmp: atomic_save({"model": sd, "args": args}, tmp))
-    shape_flags = " ".join([f"--input_size {args['input_size']}"] + [f"--{k} {v}" for k, v in flags.items()])
-    vit_flags = " ".join([f"--input_size {args['input_size']}"] + [f"--{k} {v}" for k, v in flags.items()
-                                                                     if k in ("patch_size", "depth")])
-    print(f"wrote {out} ({'encoder + decoder' if shape['decoder_depth'] else 'encoder only'}); use it with\n"
-          + (f"  main_pretrain.py --resume {out} --model {entry['name']} {shape_flags}"
-             + (" --norm_pix_loss" if settings["norm_pix_loss"] else "") + " ...\n" if shape["decoder_depth"] else "")
+    _print_import_use(out, entry, args, flags, decoder=shape["decoder_depth"] > 0)
+    return args
+
+
+def _refuse_zero_positions(sd, src):
+    """Our position embeddings are the fixed sin-cos table, never trained: all-zero ones (a
+    freshly built transformers 5 ViTMAE leaves them, its cls and mask tokens zero until
+    from_pretrained) would pretrain and evaluate with no position information at all."""
+    zero = [k for k in ("pos_embed", "decoder_pos_embed") if k in sd and not sd[k].any()]
+    if zero:
+        raise UserError(f"{src} has all-zero position embeddings ({', '.join(zero)}): an untrained model "
+                        "(transformers 5's ViTMAEForPreTraining(config) leaves them zero); save one loaded "
+                        "with from_pretrained or trained, whose position embeddings are the sin-cos table")
+
+
+def _print_import_use(out, entry, args, flags, decoder):
+    size = [f"--input_size {args['input_size']}"]
+    vit_flags = " ".join(size + [f"--{k} {v}" for k, v in flags.items() if k in ("patch_size", "depth")])
+    pretrain = " ".join([f"--model {entry['name']}"] + size + [f"--{k} {v}" for k, v in flags.items()]
+                        + [f"--mask_ratio {args['mask_ratio']}"]
+                        + (["--norm_pix_loss"] if args["norm_pix_loss"] else []))
+    print(f"wrote {out} ({'encoder + decoder' if decoder else 'encoder only'}); use it with\n"
+          + (f"  main_pretrain.py --resume {out} {pretrain} ...\n" if decoder else "")
           + f"  main_finetune.py --finetune {out} --model {entry['name'][4:]} {vit_flags} ...   (or main_linprobe.py)\n"
           + f"  main_analyze.py --checkpoint {out} ...")
-    return args
 
 
 @exit_on_user_error

@@ -32,8 +32,9 @@ from util.optim import adamw, scale_lr
 from util.survival import run_with_retries
 from util.vis import pick_across_classes, save_reconstructions
 
-# Model-shape overrides of the registry size (e.g. a 6-block encoder with a 2-block decoder).
-SHAPE_FLAGS = ("depth", "decoder_embed_dim", "decoder_depth")
+# Model-shape overrides of the registry size (e.g. a 6-block encoder with a 2-block decoder;
+# an imported HF decoder's head count and MLP width).
+SHAPE_FLAGS = ("depth", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 PUBLISHED_LAMB = 1e-2  # U-MAE's and M-MAE's --lamb
 
 
@@ -46,6 +47,7 @@ def get_args_parser():
     g.add_argument("--patch_size", default=None, type=int, help="override the model's patch size")
     for name in SHAPE_FLAGS:
         g.add_argument(f"--{name}", default=None, type=int, help=f"override the model's {name}")
+    g.add_argument("--decoder_mlp_ratio", default=None, type=float, help="override the decoder's MLP width / its width")
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     g.add_argument("--clip_grad", default=None, type=float,
                    help="clip the gradient norm (off by default, as MAE's pretraining)")
@@ -114,7 +116,8 @@ def check_args(args):
 def build_model(args):
     kwargs = dict(img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
                   nb_classes=args.nb_classes, global_pool=args.global_pool)
-    kwargs.update({k: getattr(args, k) for k in ("patch_size",) + SHAPE_FLAGS if getattr(args, k, None)})
+    kwargs.update({k: getattr(args, k) for k in ("patch_size", "decoder_mlp_ratio") + SHAPE_FLAGS
+                   if getattr(args, k, None)})
     try:
         return models_mae.MODELS[args.model](**kwargs)
     except ValueError as e:  # e.g. input size not divisible by the patch size

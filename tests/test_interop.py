@@ -248,6 +248,61 @@ def test_interop_hf_folder_has_the_training_preprocessing(tmp_path):
                                    atol=ATOL, rtol=0)
 
 
+def eval_md_block(needle):
+    """The python block of EVAL.md that contains `needle`, as it stands."""
+    import re
+    text = open(os.path.join(REPO, "EVAL.md")).read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if needle in b]
+    assert len(blocks) == 1, needle
+    return blocks[0]
+
+
+def with_statement_replaced(code, prefix, new):
+    """`code` with the (multi-line) statement that starts with `prefix` replaced by `new`."""
+    import ast
+    stmt = [n for n in ast.parse(code).body if ast.get_source_segment(code, n).startswith(prefix)]
+    assert len(stmt) == 1, prefix
+    lines = code.splitlines()
+    return "\n".join(lines[:stmt[0].lineno - 1] + [new] + lines[stmt[0].end_lineno:]) + "\n"
+
+
+def test_interop_eval_md_feature_code_gives_our_features_quietly(tmp_path, capsys):
+    """EVAL.md's timm and transformers code, run as it stands in a fresh interpreter (the
+    paths, and for timm the create_model call a tiny export prints, put in): tokens and
+    features are our encoder's on every patch in order (ViTModel, and ViTMAEModel at mask
+    ratio 0 with increasing noise: not shuffled), and nothing at all is printed (no type
+    warning, no load report of the decoder's tensors, no progress bar)."""
+    model = tiny_mae()
+    ckpt = save_ours(tmp_path, model)
+    main_export.export_hf(ckpt, str(tmp_path / "hf"))
+    capsys.readouterr()
+    main_export.export_timm(ckpt, str(tmp_path / "enc.safetensors"))
+    call = capsys.readouterr().out.splitlines()[1].strip()
+    timm_code = with_statement_replaced(eval_md_block("timm.create_model"), "m = timm.create_model", call)
+    timm_code = timm_code.replace('"mmae.safetensors"', repr(str(tmp_path / "enc.safetensors")))
+    hf_code = eval_md_block("ViTMAEModel.from_pretrained").replace('"mmae_hf"', repr(str(tmp_path / "hf")))
+    assert repr(str(tmp_path / "hf")) in hf_code and "enc.safetensors" in timm_code
+    g = torch.Generator().manual_seed(9)  # 40 px images: timm's transform resizes and crops them to 32
+    torch.save(torch.randint(0, 256, (2, 40, 40, 3), generator=g, dtype=torch.uint8), tmp_path / "img.pt")
+    prelude = ("import PIL.Image, torch\n"
+               f"pil_images = [PIL.Image.fromarray(a.numpy()) for a in torch.load({str(tmp_path / 'img.pt')!r})]\n")
+    save = (f"torch.save(dict(x=timm_x, tokens=timm_tokens, feats=timm_feats, pixels=pixels, vit=feats, "
+            f"mae=feats_mae), {str(tmp_path / 'out.pt')!r})\n")
+    script = (prelude + timm_code + "timm_x, timm_tokens, timm_feats = x, tokens, feats\n" + hf_code + save)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout + proc.stderr == "", (proc.stdout + proc.stderr)[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(out["tokens"], unmasked_latent(model, out["x"]), atol=ATOL, rtol=0)
+        ours = unmasked_latent(model, out["pixels"])
+    torch.testing.assert_close(out["feats"], out["tokens"][:, 0], atol=0, rtol=0)
+    torch.testing.assert_close(out["vit"], ours, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out["mae"], ours, atol=ATOL, rtol=0)
+
+
 def hf_pretraining_model(seed=4):
     """An HF ViTMAEForPreTraining of SHAPE, built and saved by transformers itself."""
     cfg = transformers.ViTMAEConfig(
@@ -291,6 +346,116 @@ def test_interop_hf_import_matches_and_resumes_pretraining(tmp_path):
     again = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "again").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(pixel_values=x, noise=noise).logits, b.logits, atol=ATOL, rtol=0)
+
+
+def hf_state(folder, cls):
+    model = cls.from_pretrained(folder)
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def assert_same_tensors(a, b):
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def test_interop_hf_encoder_only_folder_imports_and_round_trips(tmp_path):
+    """A ViTMAEModel folder (no decoder tensors) whose config keeps HF's decoder defaults
+    (16 decoder heads, 512 wide: nothing at ViT-Tiny) imports: the decoder settings describe
+    nothing it holds. Back out, the tensors are the folder's bit for bit."""
+    cfg = transformers.ViTMAEConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=3,
+                                    intermediate_size=768, image_size=32, patch_size=4, layer_norm_eps=1e-6,
+                                    mask_ratio=0.0)
+    torch.manual_seed(6)
+    hf = perturbed(transformers.ViTMAEModel(cfg), 6)
+    hf.save_pretrained(tmp_path / "enc")
+    assert json.load(open(tmp_path / "enc" / "config.json"))["decoder_num_attention_heads"] == 16
+    args = main_export.import_weights(str(tmp_path / "enc"), str(tmp_path / "enc.pth"))
+    assert args["decoder_depth"] is None and args["mask_ratio"] == 0.0
+    sd = torch.load(tmp_path / "enc.pth", weights_only=True)["model"]
+    ours = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4, depth=2).eval()
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith(("decoder_", "mask_token", "online_head.")) for k in missing)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(unmasked_latent(ours, x), hf(pixel_values=x, noise=torch.arange(64).expand(3, -1))
+                                   .last_hidden_state, atol=ATOL, rtol=0)
+    main_export.export_hf(str(tmp_path / "enc.pth"), str(tmp_path / "back"))
+    assert_same_tensors(hf_state(tmp_path / "back", transformers.ViTMAEModel), hf.state_dict())
+
+
+def test_interop_hf_non_default_decoder_imports_resumes_and_round_trips(tmp_path):
+    """A ViTMAEForPreTraining whose decoder is not the registry's (8 heads, not 4; MLP 2x, not
+    4x; 2 blocks; 64 wide) and which trains at mask ratio 0.5 with norm_pix_loss: the import
+    takes the decoder's shape from the config, the checkpoint's args and the printed --resume
+    command carry it and the mask ratio, main_pretrain --resume as printed builds that model
+    (without the head count, one line), and the export gives the folder's tensors back."""
+    cfg = transformers.ViTMAEConfig(
+        hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768, image_size=32,
+        patch_size=4, decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=8,
+        decoder_intermediate_size=128, layer_norm_eps=1e-6, norm_pix_loss=True, mask_ratio=0.5)
+    torch.manual_seed(7)
+    hf = perturbed(transformers.ViTMAEForPreTraining(cfg), 7)
+    hf.save_pretrained(tmp_path / "hf")
+    imported = tmp_path / "imported.pth"
+    proc = run_script("main_export.py", "--import_from", tmp_path / "hf", "--output", imported)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = [line.split() for line in proc.stdout.splitlines() if "main_pretrain.py --resume" in line][0]
+    flags = printed[printed.index("--model"):printed.index("...")]
+    assert " ".join(flags).endswith("--decoder_depth 2 --decoder_num_heads 8 --decoder_mlp_ratio 2.0 "
+                                    "--mask_ratio 0.5 --norm_pix_loss")
+    args = torch.load(imported, weights_only=True)["args"]
+    assert (args["decoder_num_heads"], args["decoder_mlp_ratio"], args["mask_ratio"], args["norm_pix_loss"]) == \
+        (8, 2.0, 0.5, True)
+    ours = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4, depth=2, decoder_embed_dim=64, decoder_depth=2,
+                                           decoder_num_heads=8, decoder_mlp_ratio=2.0, norm_pix_loss=True).eval()
+    missing, _ = ours.load_state_dict(torch.load(imported, weights_only=True)["model"], strict=False)
+    assert sorted(missing) == ["online_head.bias", "online_head.weight"]
+    x, noise = images(), torch.rand(3, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        a, b = ours(x, 0.5, noise), hf(pixel_values=x, noise=noise)
+    torch.testing.assert_close(a.mask, b.mask, atol=0, rtol=0)
+    torch.testing.assert_close(a.pred, b.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(a.loss, b.loss, atol=ATOL, rtol=1e-5)
+
+    main_export.export_hf(str(imported), str(tmp_path / "back"))
+    back = json.load(open(tmp_path / "back" / "config.json"))
+    assert {k: back[k] for k in ("decoder_num_attention_heads", "decoder_intermediate_size", "mask_ratio",
+                                 "norm_pix_loss")} == dict(decoder_num_attention_heads=8, decoder_intermediate_size=128,
+                                                          mask_ratio=0.5, norm_pix_loss=True)
+    assert_same_tensors(hf_state(tmp_path / "back", transformers.ViTMAEForPreTraining), hf.state_dict())
+
+    tiny = TINY[TINY.index("--batch_size"):]  # TINY less its model and shape: the printed flags give them
+    proc = run_script("main_pretrain.py", *tiny, "--resume", imported, *flags, "--output_dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = torch.load(tmp_path / "run" / "checkpoint-0.pth", weights_only=True)["args"]
+    assert (saved["decoder_num_heads"], saved["mask_ratio"], saved["norm_pix_loss"]) == (8, 0.5, True)
+    heads = flags.index("--decoder_num_heads")
+    proc = run_script("main_pretrain.py", *tiny, "--resume", imported, *flags[:heads], *flags[heads + 2:],
+                      "--output_dir", tmp_path / "run2")
+    assert_one_line_error(proc, "8 decoder heads", "--decoder_num_heads 8")
+
+
+def test_interop_hf_import_refuses_zero_position_embeddings(tmp_path, capsys):
+    """transformers 5 builds ViTMAEForPreTraining(config) with all-zero position embeddings;
+    ours are the fixed sin-cos table (never trained), so such an import would pretrain with
+    no position information: refused in one line, nothing written."""
+    cfg = hf_pretraining_model().config
+    fresh = transformers.ViTMAEForPreTraining(cfg)
+    if fresh.vit.embeddings.position_embeddings.any():  # transformers 4.x fills in the sin-cos table
+        with torch.no_grad():
+            fresh.vit.embeddings.position_embeddings.zero_()
+    fresh.save_pretrained(tmp_path / "fresh")
+    line = export_error(capsys, "--import_from", tmp_path / "fresh", "--output", tmp_path / "o.pth")
+    assert "all-zero position embeddings (pos_embed" in line
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_interop_timm_export_refuses_a_pth_name(tmp_path, capsys):
+    """--format timm writes safetensors: under a .pth name the importer (and torch.load) would
+    read a torch.save file and call it corrupt, so the name is refused in one line."""
+    good = save_ours(tmp_path, tiny_mae())
+    line = export_error(capsys, "--checkpoint", good, "--format", "timm", "--output", tmp_path / "x.pth")
+    assert "*.safetensors" in line and not (tmp_path / "x.pth").exists()
 
 
 def test_interop_hf_table_is_one_to_one():
@@ -337,7 +502,7 @@ def test_interop_bad_inputs(tmp_path, capsys):
     # a checkpoint of the wrong kind
     torch.save({"optimizer": {}, "epoch": 1}, tmp_path / "opt.pth")
     assert "no 'model' entry" in export_error(capsys, "--checkpoint", tmp_path / "opt.pth", "--format", "timm",
-                                              "--output", tmp_path / "o1")
+                                              "--output", tmp_path / "o1.safetensors")
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "mlp.pth")
     assert "no ViT encoder" in export_error(capsys, "--checkpoint", tmp_path / "mlp.pth", "--format", "hf",
                                             "--output", tmp_path / "o2")
@@ -365,7 +530,7 @@ def test_interop_bad_inputs(tmp_path, capsys):
                                           decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
     torch.save({"model": odd.state_dict()}, tmp_path / "odd.pth")
     assert "unknown model size" in export_error(capsys, "--checkpoint", tmp_path / "odd.pth", "--format", "timm",
-                                                "--output", tmp_path / "o5")
+                                                "--output", tmp_path / "o5.safetensors")
     # an existing output is never replaced
     (tmp_path / "taken.safetensors").write_text("mine")
     assert "already exists" in export_error(capsys, "--checkpoint", good, "--format", "timm",

@@ -206,6 +206,17 @@ def load_model_state(model, state_dict, source, model_name=None, ckpt_model=None
         raise UserError(f"checkpoint {source} does not fit model {model_name}: {detail}") from None
 
 
+def check_decoder_heads(model, saved_args, path):
+    """A head count does not show in the weights' shapes, so a strict load of a decoder with
+    other heads succeeds and computes something else: a checkpoint that records its decoder's
+    (an HF import, a run with --decoder_num_heads) must match the model built here."""
+    want = (saved_args or {}).get("decoder_num_heads") if isinstance(saved_args, dict) else None
+    blocks = getattr(model, "decoder_blocks", None)
+    if want and blocks and blocks[0].attn.num_heads != want:
+        raise UserError(f"checkpoint {path} has {want} decoder heads, this model {blocks[0].attn.num_heads}: "
+                        f"pass --decoder_num_heads {want}")
+
+
 def gather_rng_states():
     """Every rank's RNG states (each rank draws its own masks), as a list by rank."""
     return all_gather_object(rng_state())
@@ -277,6 +288,7 @@ def resume_training(args, model, optimizer, scaler, run=None):
             raise UserError(f"checkpoint {path} has no 'model' entry")
         weights = state["model"] if "optimizer" in state else interop.pretraining_weights(model, state["model"], path)
         load_model_state(model, weights, path, args.model, state.get("args", {}).get("model"))
+        check_decoder_heads(model, state.get("args"), path)
         if "optimizer" not in state:
             print(f"loaded weights from {path}; starting at epoch {fresh.epoch}")
         else:

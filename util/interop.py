@@ -103,7 +103,7 @@ def _same_keys(have, want, what, target):
 
 def describe(sd):
     """The shape of the ViT in a state dict of our (= timm's) names: encoder width, depth,
-    patch size, patch grid side, MLP width, and the decoder's width and depth (0 if absent)."""
+    patch size, patch grid side, MLP width, and the decoder's width, depth and MLP width (0 if absent)."""
     if not isinstance(sd, dict) or not torch.is_tensor(sd.get("patch_embed.proj.weight")):
         raise UserError("holds no ViT encoder (no patch_embed.proj.weight)")
     w = sd["patch_embed.proj.weight"]
@@ -113,9 +113,14 @@ def describe(sd):
         raise UserError(f"has {n_pos} position embeddings (besides cls), not a square patch grid")
     dec = sd.get("decoder_embed.weight")
     return dict(embed_dim=w.shape[0], depth=_count(sd, "blocks."), patch_size=w.shape[-1], grid=grid,
-                mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 0,
+                mlp_dim=_rows(sd, "blocks.0.mlp.fc1.weight"),
                 decoder_embed_dim=dec.shape[0] if dec is not None else 0,
-                decoder_depth=_count(sd, "decoder_blocks."))
+                decoder_depth=_count(sd, "decoder_blocks."),
+                decoder_mlp_dim=_rows(sd, "decoder_blocks.0.mlp.fc1.weight"))
+
+
+def _rows(sd, key):
+    return sd[key].shape[0] if key in sd else 0
 
 
 def _count(sd, prefix):
