@@ -19,9 +19,11 @@ saying so. In order, most important first:
    the measured one, peak memory, and the U-MAE / M-MAE step's cost over MAE's.
    Timed rounds of --steps (>= 20) steps, medians over --repeats rounds.
 4. pipeline: the real input pipeline on JPEGs written here (ImageNet-like sizes) with
-   N DataLoader workers: the default loader (util/jpeg.py; PIL where simplejpeg is
-   missing) and --gpu_decode (util/gpu_aug.py), alone and feeding ViT-B steps, next
-   to the synthetic-batch figure.
+   the DataLoader workers a run here would use (printed): the default loader
+   (util/jpeg.py; PIL where simplejpeg is missing) and --gpu_decode (util/gpu_aug.py),
+   alone and feeding ViT-B steps, next to the synthetic-batch figure; both timed as
+   benchmarks/pipeline_rate.py does (one long-lived iterator over an endless sampler,
+   warm-up untimed, >= 4 timed batches per worker).
 5. tests: the suite's CUDA-marked tests (`pytest -m cuda`, the nvJPEG race test among them).
 6. race: the race harness of tests/test_gpu_path.py on a plain decode_jpeg (which
    pytorch/vision PR 9606 says races) next to DeviceDecodeLoader's decode.
@@ -91,7 +93,8 @@ def get_args():
     p.add_argument("--steps", default=None, type=int, help="steps per timed round (default 20; --quick 4)")
     p.add_argument("--repeats", default=None, type=int, help="timed rounds (default 5, --quick 2)")
     p.add_argument("--workers", default=None, type=int,
-                   help="DataLoader workers in the pipeline section (default min(16, cores))")
+                   help="DataLoader workers in the pipeline section (default: main_pretrain's, "
+                        "util.cli.resolve_num_workers; --quick 2)")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # run one section (the driver's child)
     p.add_argument("--state", default=None, help=argparse.SUPPRESS)  # JSON the sections share
     p.add_argument("--deadline", default=None, type=float, help=argparse.SUPPRESS)
@@ -323,60 +326,45 @@ def write_jpegs(root, n, sizes, workers, classes=4):
         pool.map(write_jpeg, jobs, chunksize=16)
 
 
-class Cycled:
-    """`steps` batches from a train loader, epoch after epoch (a stand-in for one long epoch)."""
-
-    def __init__(self, loader, steps):
-        self.loader, self.steps, self.sampler = loader, steps, loader.sampler
-
-    def __len__(self):
-        return self.steps
-
-    def __iter__(self):
-        n, epoch = 0, 0
-        while True:
-            self.loader.sampler.set_epoch(epoch)
-            for batch in self.loader:
-                yield batch
-                n += 1
-                if n == self.steps:
-                    return
-            epoch += 1
-
-
-def loader_rate(out, loader, steps, batch):
-    it = iter(Cycled(loader, steps + 2))
-    for _ in range(2):  # workers started, first batches out
-        next(it)
-    sync(out.device)
-    t0 = time.perf_counter()
-    for images, *_ in it:  # (images, targets, mask noise)
-        pass
-    sync(out.device)
-    return steps * batch / (time.perf_counter() - t0), tuple(images.shape)
-
-
 def section_pipeline(out):
+    """Both loaders timed the same way (benchmarks/pipeline_rate.py): one long-lived
+    iterator over an endless sampler, warm-up untimed, >= 4 timed batches per worker, the
+    --num_workers a run on this machine would use."""
     import main_pretrain
+    from pipeline_rate import Take, close, endless, loader_rate
     from pretrain_speed import our_args
     from engine_pretrain import train_one_epoch
     from util.checkpoint import CheckpointSaver, RunState
-    workers = out.cli.workers or (2 if out.quick else min(16, os.cpu_count() or 1))
+    from util.cli import resolve_num_workers
     name, kw, batch = (QUICK_MODELS if out.quick else SPEED_MODELS)["speed_b"]
     size = kw["img_size"]
-    n = 64 if out.quick else 1024
+    base = main_pretrain.get_args_parser().parse_args(["--num_workers", str(out.cli.workers)] if out.cli.workers
+                                                      else ["--num_workers", "2"] if out.quick else [])
+    how = resolve_num_workers(base)
+    workers = base.num_workers
+    n = 64 if out.quick else max(1024, 2 * workers * batch)  # each worker's batches distinct files
     sizes = [(120, 90), (90, 120)] if out.quick else [(500, 375), (375, 500), (500, 333), (640, 480)]
     with tempfile.TemporaryDirectory() as data:
         t0 = time.time()
         write_jpegs(data, n, sizes, workers)
         out(f"{n} photo-like JPEGs ({', '.join(f'{w}x{h}' for w, h in sizes)}, quality 90) written in "
-            f"{time.time() - t0:.0f} s; batch {batch}, {workers} DataLoader workers, {out.steps} timed batches:")
+            f"{time.time() - t0:.0f} s; batch {batch}; {how}; one long-lived iterator per loader over an "
+            "endless sampler, warm-up untimed:")
         out()
-        out("| input | loader alone img/s | feeding " + name + " (bf16 MAE steps) img/s |")
-        out("| --- | --- | --- |")
+        out("| input | loader alone img/s | feeding " + name + " (bf16 MAE steps) img/s | timed batches |")
+        out("| --- | --- | --- | --- |")
         synthetic = out.state.get("speed_b", {}).get("img_s")
-        out(f"| synthetic batch on the device (speed_b) | - | {f'{synthetic:,.0f}' if synthetic else 'n.a.'} |")
+        out(f"| synthetic batch on the device (speed_b) | - | {f'{synthetic:,.0f}' if synthetic else 'n.a.'} | - |")
         model, cli, _, _, optimizer, scaler = setup(out, name, kw, batch)
+        a = our_args(cli, "mae")
+
+        def run_steps(loader):
+            run = RunState()
+            saver = CheckpointSaver(a, model, optimizer, scaler, run, out.device)
+            with contextlib.redirect_stdout(io.StringIO()):
+                train_one_epoch(model, model, loader, optimizer, scaler, out.device, 0, run, saver, a)
+            sync(out.device)
+
         for label, gpu_decode in (("default loader (util/jpeg.py)", False), ("--gpu_decode (util/gpu_aug.py)", True)):
             argv = ["--data_path", data, "--batch_size", str(batch), "--num_workers", str(workers),
                     "--input_size", str(size), "--device", out.device.type, "--model", name]
@@ -385,23 +373,15 @@ def section_pipeline(out):
             args = main_pretrain.get_args_parser().parse_args(argv)
             from util.cli import check_common_args
             check_common_args(args)
-            loader = main_pretrain.build_train_loader(args, out.device)
-            alone, shape = loader_rate(out, loader, out.steps, batch)
+            it = iter(endless(main_pretrain.build_train_loader(args, out.device)))
+            alone, shape, steps = loader_rate(it, batch, workers, out.device, steps=max(out.steps, 4 * workers))
             assert shape == (batch, 3, size, size), shape
-            a = our_args(cli, "mae")
-
-            def steps(n):
-                run = RunState()
-                saver = CheckpointSaver(a, model, optimizer, scaler, run, out.device)
-                with contextlib.redirect_stdout(io.StringIO()):
-                    train_one_epoch(model, model, Cycled(loader, n), optimizer, scaler, out.device, 0, run, saver, a)
-                sync(out.device)
-            steps(3)  # warm-up: workers started
+            run_steps(Take(it, 3))  # the step's own warm-up, untimed
             t0 = time.perf_counter()
-            steps(out.steps)
-            fed = out.steps * batch / (time.perf_counter() - t0)
-            out(f"| {label} | {alone:,.0f} | {fed:,.0f} |")
-            del loader
+            run_steps(Take(it, steps))
+            fed = steps * batch / (time.perf_counter() - t0)
+            close(it)
+            out(f"| {label} | {alone:,.0f} | {fed:,.0f} | {steps} |")
 
 
 # ---- 6. tests, 7. race -------------------------------------------------------------------------

@@ -115,6 +115,41 @@ def test_data_speed_smoke(simplejpeg, tmp_path):
     assert len([line for line in proc.stdout.splitlines() if "ESTIMATE" in line and "cores/GPU" in line]) == 2
 
 
+def test_pipeline_rate_times_one_long_lived_iterator_after_its_warm_up():
+    """benchmarks/pipeline_rate.py's method: the endless sampler runs TrainSampler's epochs
+    back to back (epoch 0's samples, then epoch 1's, ...); loader_rate takes the warm-up
+    batches (every worker's first prefetched ones) before the clock starts, then times
+    >= 4 batches per worker from the same iterator. An iterator whose first batches are
+    slow (worker start-up) and the rest 20 ms each gives the 20 ms rate."""
+    import time
+    from pipeline_rate import Endless, loader_rate, warm_up_batches
+    from util.datasets import TrainSampler
+    sampler = TrainSampler(list(range(10)), 4, seed=0)
+    pairs = iter(Endless(sampler))
+    got = [next(pairs) for _ in range(3 * 8)]  # 2 batches of 4 per epoch
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        assert got[8 * epoch:8 * epoch + 8] == list(sampler)
+    served = []
+
+    def batches(workers):
+        for k in range(10 ** 6):
+            served.append(k)
+            time.sleep(0.5 if k < warm_up_batches(workers) else 0.02)
+            yield torch.zeros(2, 3, 4, 4), torch.zeros(2)
+
+    rate, shape, steps = loader_rate(batches(3), 2, 3, "cpu")
+    assert steps == 12 and len(served) == warm_up_batches(3) + 12 and shape == (2, 3, 4, 4)
+    assert 2 / 0.04 < rate < 2 / 0.02, rate  # 100 img/s at most; the 0.5 s batches would give < 20
+
+
+def test_pipeline_rate_smoke_times_both_loaders_with_the_stated_workers():
+    proc = run_script("benchmarks/pipeline_rate.py", "--smoke", "--workers", "1", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| default") or line.startswith("| --gpu")]
+    assert len(rows) == 2 and all(re.match(r"\| [^|]+ \| 1 \| [\d,.]+ \| 8 \| [\d,.]+ \|$", r) for r in rows), rows
+
+
 def test_cpu_kernels_runs():
     proc = run_script("benchmarks/cpu_kernels.py", "--repeats", "1", "--batch_size", "2", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
