@@ -19,9 +19,11 @@ saying so. In order, most important first:
    the measured one, peak memory, and the U-MAE / M-MAE step's cost over MAE's.
    Timed rounds of --steps (>= 20) steps, medians over --repeats rounds.
 4. pipeline: the real input pipeline on JPEGs written here (ImageNet-like sizes) with
-   N DataLoader workers: the default loader (util/jpeg.py; PIL where simplejpeg is
-   missing) and --gpu_decode (util/gpu_aug.py), alone and feeding ViT-B steps, next
-   to the synthetic-batch figure.
+   the DataLoader workers a run here would use (printed): the default loader
+   (util/jpeg.py; PIL where simplejpeg is missing) and --gpu_decode (util/gpu_aug.py),
+   alone and feeding ViT-B steps, next to the synthetic-batch figure; both timed as
+   benchmarks/pipeline_rate.py does (one long-lived iterator over an endless sampler,
+   warm-up untimed, >= 4 timed batches per worker).
 5. tests: the suite's CUDA-marked tests (`pytest -m cuda`, the nvJPEG race test among them).
 6. race: the race harness of tests/test_gpu_path.py on a plain decode_jpeg (which
    pytorch/vision PR 9606 says races) next to DeviceDecodeLoader's decode.
@@ -73,8 +75,15 @@ DATASHEET_TFLOPS = {"H200 NVL": 835.5, "H200": 989.5, "H100 PCIe": 756.5, "H100 
 # in the order they run: the issue's order (numbers, CUDA tests, entry points, batch search),
 # with the compiled step after the entry points since its cold compile is the least predictable
 PLAN = {"peak": (15, 20), "speed_b": (35, 40), "speed_l": (45, 45), "pipeline": (60, 40), "tests": (60, 40),
-        "race": (20, 10), "entry": (110, 150), "compiled": (120, 45), "batch": (120, 30)}
-OPTIONAL = {"batch"}
+        "race": (20, 10), "entry": (110, 150), "compiled": (120, 45), "batch": (120, 30),
+        "train": (75, 150), "overhead": (25, 30), "compiled_l": (90, 45)}
+OPTIONAL = {"batch", "train", "overhead", "compiled_l"}  # only in a --plan, or with --batch_search
+# The two device commands (benchmarks/device_plan.sh N): (sections in order, budget s on CUDA,
+# budget s with --quick on a CPU). The first answers what matters most within 240 s of the
+# lease; the second adds the rest within 300 s, so that both fit a 15-minute lease with a
+# 3-minute start-up and a margin (each wrapped in `timeout` by device_plan.sh).
+PLANS = {"1": (["peak", "speed_b", "train", "race", "overhead"], 220, 600),
+         "2": (["speed_l", "pipeline", "compiled", "compiled_l"], 280, 600)}
 
 
 def get_args():
@@ -85,13 +94,16 @@ def get_args():
                    help="append the report here (default on CUDA without --quick: benchmarks/RESULTS.md)")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out: " + ",".join(PLAN))
     p.add_argument("--batch_search", action="store_true", help="also the largest-batch search (last)")
+    p.add_argument("--plan", default=None, choices=sorted(PLANS),
+                   help="one of the two device commands: its sections and budget (PLANS)")
     p.add_argument("--budget_s", default=None, type=float,
                    help="seconds for the whole run; sections that would not fit are skipped "
                         "(default 470 on CUDA, 900 with --quick)")
     p.add_argument("--steps", default=None, type=int, help="steps per timed round (default 20; --quick 4)")
     p.add_argument("--repeats", default=None, type=int, help="timed rounds (default 5, --quick 2)")
     p.add_argument("--workers", default=None, type=int,
-                   help="DataLoader workers in the pipeline section (default min(16, cores))")
+                   help="DataLoader workers in the pipeline section (default: main_pretrain's, "
+                        "util.cli.resolve_num_workers; --quick 2)")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # run one section (the driver's child)
     p.add_argument("--state", default=None, help=argparse.SUPPRESS)  # JSON the sections share
     p.add_argument("--deadline", default=None, type=float, help=argparse.SUPPRESS)
@@ -276,8 +288,8 @@ SPEED_HEADER = ["| model | batch | img/s (bf16, synthetic batch) | MFU | peak me
                 "| --- | --- | --- | --- | --- | --- | --- |"]
 
 
-def section_compiled(out):
-    name, kw, batch = (QUICK_MODELS if out.quick else SPEED_MODELS)["speed_b"]
+def section_compiled(out, which="speed_b"):
+    name, kw, batch = (QUICK_MODELS if out.quick else SPEED_MODELS)[which]
     model, cli, samples, targets, optimizer, scaler = setup(out, name, kw, batch)
     # --quick on a CPU: aot_eager (dynamo + AOT autograd, no code generation: seconds, not
     # minutes on 2 cores); the entry section's main_pretrain --compile runs inductor there
@@ -289,13 +301,14 @@ def section_compiled(out):
     sync(out.device)
     compile_s = time.time() - t0
     t = time_methods(out, compiled, cli, samples, targets, optimizer, scaler, ["mae"])["mae"]
-    eager = out.state.get("speed_b")
+    eager = out.state.get(which)
     flops = eager["flops"] if eager else train_flops(model, our_args(cli, "mae"), samples, targets)
     speedup = eager["step_s"] / t if eager else None
     out(f"{name} torch.compile ({backend}, cold): first step {compile_s:.0f} s; {batch / t:,.0f} img/s, "
         f"MFU {mfu_text(flops, t, out.state)}; "
         f"{f'{speedup:.2f}x' if speedup else 'n.a. (no eager figure)'} over eager")
-    out.save(compiled={"img_s": batch / t, "step_s": t, "speedup": speedup})
+    out.save(**{"compiled" if which == "speed_b" else "compiled_l": {"img_s": batch / t, "step_s": t,
+                                                                     "speedup": speedup}})
 
 
 # ---- 4. pipeline ---------------------------------------------------------------------------------
@@ -323,60 +336,45 @@ def write_jpegs(root, n, sizes, workers, classes=4):
         pool.map(write_jpeg, jobs, chunksize=16)
 
 
-class Cycled:
-    """`steps` batches from a train loader, epoch after epoch (a stand-in for one long epoch)."""
-
-    def __init__(self, loader, steps):
-        self.loader, self.steps, self.sampler = loader, steps, loader.sampler
-
-    def __len__(self):
-        return self.steps
-
-    def __iter__(self):
-        n, epoch = 0, 0
-        while True:
-            self.loader.sampler.set_epoch(epoch)
-            for batch in self.loader:
-                yield batch
-                n += 1
-                if n == self.steps:
-                    return
-            epoch += 1
-
-
-def loader_rate(out, loader, steps, batch):
-    it = iter(Cycled(loader, steps + 2))
-    for _ in range(2):  # workers started, first batches out
-        next(it)
-    sync(out.device)
-    t0 = time.perf_counter()
-    for images, *_ in it:  # (images, targets, mask noise)
-        pass
-    sync(out.device)
-    return steps * batch / (time.perf_counter() - t0), tuple(images.shape)
-
-
 def section_pipeline(out):
+    """Both loaders timed the same way (benchmarks/pipeline_rate.py): one long-lived
+    iterator over an endless sampler, warm-up untimed, >= 4 timed batches per worker, the
+    --num_workers a run on this machine would use."""
     import main_pretrain
+    from pipeline_rate import Take, close, endless, loader_rate
     from pretrain_speed import our_args
     from engine_pretrain import train_one_epoch
     from util.checkpoint import CheckpointSaver, RunState
-    workers = out.cli.workers or (2 if out.quick else min(16, os.cpu_count() or 1))
+    from util.cli import resolve_num_workers
     name, kw, batch = (QUICK_MODELS if out.quick else SPEED_MODELS)["speed_b"]
     size = kw["img_size"]
-    n = 64 if out.quick else 1024
+    base = main_pretrain.get_args_parser().parse_args(["--num_workers", str(out.cli.workers)] if out.cli.workers
+                                                      else ["--num_workers", "2"] if out.quick else [])
+    how = resolve_num_workers(base)
+    workers = base.num_workers
+    n = 64 if out.quick else max(1024, 2 * workers * batch)  # each worker's batches distinct files
     sizes = [(120, 90), (90, 120)] if out.quick else [(500, 375), (375, 500), (500, 333), (640, 480)]
     with tempfile.TemporaryDirectory() as data:
         t0 = time.time()
         write_jpegs(data, n, sizes, workers)
         out(f"{n} photo-like JPEGs ({', '.join(f'{w}x{h}' for w, h in sizes)}, quality 90) written in "
-            f"{time.time() - t0:.0f} s; batch {batch}, {workers} DataLoader workers, {out.steps} timed batches:")
+            f"{time.time() - t0:.0f} s; batch {batch}; {how}; one long-lived iterator per loader over an "
+            "endless sampler, warm-up untimed:")
         out()
-        out("| input | loader alone img/s | feeding " + name + " (bf16 MAE steps) img/s |")
-        out("| --- | --- | --- |")
+        out("| input | loader alone img/s | feeding " + name + " (bf16 MAE steps) img/s | timed batches |")
+        out("| --- | --- | --- | --- |")
         synthetic = out.state.get("speed_b", {}).get("img_s")
-        out(f"| synthetic batch on the device (speed_b) | - | {f'{synthetic:,.0f}' if synthetic else 'n.a.'} |")
+        out(f"| synthetic batch on the device (speed_b) | - | {f'{synthetic:,.0f}' if synthetic else 'n.a.'} | - |")
         model, cli, _, _, optimizer, scaler = setup(out, name, kw, batch)
+        a = our_args(cli, "mae")
+
+        def run_steps(loader):
+            run = RunState()
+            saver = CheckpointSaver(a, model, optimizer, scaler, run, out.device)
+            with contextlib.redirect_stdout(io.StringIO()):
+                train_one_epoch(model, model, loader, optimizer, scaler, out.device, 0, run, saver, a)
+            sync(out.device)
+
         for label, gpu_decode in (("default loader (util/jpeg.py)", False), ("--gpu_decode (util/gpu_aug.py)", True)):
             argv = ["--data_path", data, "--batch_size", str(batch), "--num_workers", str(workers),
                     "--input_size", str(size), "--device", out.device.type, "--model", name]
@@ -385,23 +383,15 @@ def section_pipeline(out):
             args = main_pretrain.get_args_parser().parse_args(argv)
             from util.cli import check_common_args
             check_common_args(args)
-            loader = main_pretrain.build_train_loader(args, out.device)
-            alone, shape = loader_rate(out, loader, out.steps, batch)
+            it = iter(endless(main_pretrain.build_train_loader(args, out.device)))
+            alone, shape, steps = loader_rate(it, batch, workers, out.device, steps=max(out.steps, 4 * workers))
             assert shape == (batch, 3, size, size), shape
-            a = our_args(cli, "mae")
-
-            def steps(n):
-                run = RunState()
-                saver = CheckpointSaver(a, model, optimizer, scaler, run, out.device)
-                with contextlib.redirect_stdout(io.StringIO()):
-                    train_one_epoch(model, model, Cycled(loader, n), optimizer, scaler, out.device, 0, run, saver, a)
-                sync(out.device)
-            steps(3)  # warm-up: workers started
+            run_steps(Take(it, 3))  # the step's own warm-up, untimed
             t0 = time.perf_counter()
-            steps(out.steps)
-            fed = out.steps * batch / (time.perf_counter() - t0)
-            out(f"| {label} | {alone:,.0f} | {fed:,.0f} |")
-            del loader
+            run_steps(Take(it, steps))
+            fed = steps * batch / (time.perf_counter() - t0)
+            close(it)
+            out(f"| {label} | {alone:,.0f} | {fed:,.0f} | {steps} |")
 
 
 # ---- 6. tests, 7. race -------------------------------------------------------------------------
@@ -438,6 +428,107 @@ def section_race(out):
         corrupted, wrong = decode_race(decode, nbytes, rounds=rounds)
         out(f"- decode race, {label}: {corrupted}/{rounds} rounds corrupted queued reads, "
             f"{wrong}/{rounds} results differ from a decode run alone")
+
+
+# ---- the first device command's checks: training on the device, the decode's cost ---------------
+def pretrain_run(out, name, args, outdir, torchrun=False):
+    """main_pretrain with args into outdir (a row of the table); True if it exited 0 and
+    wrote checkpoint-0.pth."""
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+              "--master_port", str(29400 + os.getpid() % 500)] if torchrun else []
+    script = os.path.join(ROOT, "main_pretrain.py")
+    t0 = time.time()
+    rc, stdout, stderr = run_command([sys.executable, *launch, script, *map(str, args), "--output_dir", outdir],
+                                     out.left() - 5, env={"PYTHONWARNINGS": "ignore"})
+    ok = rc == 0 and os.path.isfile(os.path.join(outdir, "checkpoint-0.pth"))
+    err = "timed out" if rc is None else (stderr.strip().splitlines() or [""])[-1]
+    out(f"| {name} | {'ok' if ok else '**FAILED**'} | {time.time() - t0:.0f} s | {'' if ok else err[:160]} |")
+    out.failed |= not ok
+    return ok, stdout
+
+
+def section_train(out):
+    """main_pretrain on the device: bf16 and fp16 (--gpu_decode, the decode thread), under
+    torchrun with one process (the NCCL process group; DDP itself wraps from 2 processes),
+    and a run stopped after epoch 0 and relaunched against the run in one go."""
+    import shutil
+    tiny = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--patch_size", "4", "--depth", "2",
+            "--decoder_depth", "1", "--device", out.device.type, "--batch_size", "16", "--warmup_epochs", "0",
+            "--num_workers", "2", "--print_freq", "2", "--synthetic_size", "64", "--nb_classes", "10",
+            "--val_interval", "0", "--vis_every", "0", "--reg", "tcr", "--lamb", "0.01"]
+    with tempfile.TemporaryDirectory() as work:
+        data = os.path.join(work, "jpegs")
+        write_jpegs(data, 64, [(80, 60), (60, 80)], 2, classes=2)
+        out("| run | result | wall | error |")
+        out("| --- | --- | --- | --- |")
+        two = [*tiny, "--amp", "bf16", "--epochs", "2", "--save_every", "1"]
+        full, cut = os.path.join(work, "full"), os.path.join(work, "cut")
+        pretrain_run(out, "bf16, 2 epochs", two, full)
+        pretrain_run(out, "fp16 --gpu_decode (JPEGs)", [*tiny, "--amp", "fp16", "--epochs", "1", "--data_path", data,
+                                                         "--gpu_decode", "--nb_classes", "2"], os.path.join(work, "fp16"))
+        pretrain_run(out, "bf16 under torchrun, 1 process", [*tiny, "--amp", "bf16", "--epochs", "1"],
+                     os.path.join(work, "torchrun"), torchrun=True)
+        if not os.path.isfile(os.path.join(full, "checkpoint-0.pth")):
+            out("exact resume: n.a. (the 2-epoch run wrote no checkpoint-0.pth)")
+            return
+        os.makedirs(cut)
+        shutil.copy(os.path.join(full, "checkpoint-0.pth"), cut)
+        ok, stdout = pretrain_run(out, "bf16, stopped after epoch 0 and relaunched", two, cut)
+        if ok and os.path.isfile(os.path.join(cut, "checkpoint-1.pth")):
+            a, b = (torch.load(os.path.join(d, "checkpoint-1.pth"), weights_only=True, map_location="cpu")["model"]
+                    for d in (full, cut))
+            diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+            same = all(torch.equal(a[k], b[k]) for k in a)
+            out(f"exact resume: {'bitwise equal' if same else f'**not bitwise equal** (max weight difference {diff:.2e})'}"
+                f" to the run in one go after epoch 1; {'resumed' if 'resumed from' in stdout else '**no resume line**'}")
+            out.failed |= not same and diff > 1e-4
+
+
+def section_overhead(out):
+    """ViT-B steps fed by a synthetic batch on the device against steps fed by
+    DeviceDecodeLoader (decode thread, side stream) over JPEG batches already in memory:
+    the decode's cost to the step, without DataLoader workers. Timed as pipeline_rate
+    does (one long-lived iterator, warm-up untimed)."""
+    import itertools
+    from pipeline_rate import Take
+    from pretrain_speed import our_args
+    from engine_pretrain import train_one_epoch
+    from util.checkpoint import CheckpointSaver, RunState
+    from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_encoded
+    name, kw, batch = (QUICK_MODELS if out.quick else SPEED_MODELS)["speed_b"]
+    sizes = [(120, 90), (90, 120)] if out.quick else [(500, 375), (375, 500), (500, 333), (640, 480), (333, 500)]
+    with tempfile.TemporaryDirectory() as data:
+        write_jpegs(data, 2 * batch, sizes, os.cpu_count() or 1)
+        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(data, "train")) for f in fs)
+        torch.manual_seed(0)
+        items = [(PlanCrop()(read_encoded(p)), 0) for p in paths]
+    batches = [collate_encoded(items[i:i + batch]) for i in range(0, len(items) - batch + 1, batch)]
+    model, cli, samples, targets, optimizer, scaler = setup(out, name, kw, batch)
+    a = our_args(cli, "mae")
+
+    class Cycle:
+        sampler = None
+
+        def __iter__(self):
+            return itertools.cycle(batches)
+
+    feeds = {"synthetic batch on the device": itertools.repeat((samples, targets)),
+             "--gpu_decode of in-memory JPEGs (decode thread)": iter(DeviceDecodeLoader(Cycle(), kw["img_size"], out.device))}
+    times = {}
+    for label, it in feeds.items():
+        for n in (3, out.steps):  # warm-up, then timed
+            run, t0 = RunState(), time.perf_counter()
+            saver = CheckpointSaver(a, model, optimizer, scaler, run, out.device)
+            with contextlib.redirect_stdout(io.StringIO()):
+                train_one_epoch(model, model, Take(it, n), optimizer, scaler, out.device, 0, run, saver, a)
+            sync(out.device)
+        times[label] = (time.perf_counter() - t0) / out.steps
+        out(f"- {name} fed by the {label}: {batch / times[label]:,.0f} img/s ({out.steps} steps)")
+    slow, fast = times[list(feeds)[1]], times[list(feeds)[0]]
+    out(f"- --gpu_decode's cost to the step: {100 * (slow / fast - 1):+.1f}% "
+        f"({len(sizes)} image sizes per batch, batch {batch})")
+    out.save(overhead={"decode_overhead": slow / fast - 1})
+    feeds[list(feeds)[1]].close()
 
 
 # ---- 8. entry points ------------------------------------------------------------------------------
@@ -527,15 +618,14 @@ def section_batch(out):
 SECTIONS = {"peak": section_peak, "speed_b": lambda out: section_speed(out, "speed_b"),
             "speed_l": lambda out: section_speed(out, "speed_l"), "pipeline": section_pipeline,
             "compiled": section_compiled, "tests": section_tests, "race": section_race, "entry": section_entry,
-            "batch": section_batch}
+            "batch": section_batch, "train": section_train, "overhead": section_overhead,
+            "compiled_l": lambda out: section_compiled(out, "speed_l")}
 
 
 def run_section(cli):
     """The child: one section; exit 1 if it reported a failure."""
     out = Section(cli)
-    if out.device.type == "cuda" and cli.section not in ("race", "tests"):  # as main_pretrain; the race's
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmul stall stays long
-        torch.backends.cudnn.allow_tf32 = True
+    # TF32 left at the shipped default (off, main_pretrain --tf32): bf16 steps do not use it
     SECTIONS[cli.section](out)
     sys.exit(1 if out.failed else 0)
 
@@ -569,9 +659,14 @@ def main():
         return run_section(cli)
     device = torch.device(cli.device)
     quick = cli.quick
-    budget = cli.budget_s or (900 if quick else 470)
     skip = set(filter(None, cli.skip.split(",")))
-    names = [n for n in PLAN if n not in skip and (n not in OPTIONAL or cli.batch_search)]
+    if cli.plan:
+        names, cuda_budget, quick_budget = PLANS[cli.plan]
+        names = [n for n in names if n not in skip]
+        budget = cli.budget_s or (quick_budget if quick else cuda_budget)
+    else:
+        budget = cli.budget_s or (900 if quick else 470)
+        names = [n for n in PLAN if n not in skip and (n not in OPTIONAL or (cli.batch_search and n == "batch"))]
     path = cli.results_md or (os.path.join(ROOT, "benchmarks", "RESULTS.md")
                               if device.type == "cuda" and not quick else None)
     results = open(path, "a") if path else None
@@ -591,6 +686,11 @@ def main():
     out(f"`{cmd}`; budget {budget:.0f} s. Plan (estimated s / timeout s): " + ", ".join(
         f"{n} {PLAN[n][quick]} / {timeouts(PLAN[n][quick])}" for n in names)
         + f"; {sum(PLAN[n][quick] for n in names)} s in all")
+    if "peak" not in names:  # the peak section says it otherwise
+        try:
+            out(f"on {environment(device)}")
+        except Exception as e:  # noqa: BLE001 - the sections run anyway
+            out(f"environment not read: {e}")
     out()
     t_start = time.time()
     failed = False
@@ -606,7 +706,7 @@ def main():
                 out()
                 continue
             timeout = min(timeouts(est), left)
-            if name in ("speed_b",) or (name == "speed_l" and "speed_b" not in names):
+            if name == "speed_b" or (name == "speed_l" and "speed_b" not in names):
                 for line in SPEED_HEADER:
                     out(line)
             child = [sys.executable, os.path.abspath(__file__), "--section", name, "--state", state,

@@ -115,6 +115,64 @@ def test_data_speed_smoke(simplejpeg, tmp_path):
     assert len([line for line in proc.stdout.splitlines() if "ESTIMATE" in line and "cores/GPU" in line]) == 2
 
 
+def test_pipeline_rate_times_one_long_lived_iterator_after_its_warm_up():
+    """benchmarks/pipeline_rate.py's method: the endless sampler runs TrainSampler's epochs
+    back to back (epoch 0's samples, then epoch 1's, ...); loader_rate takes the warm-up
+    batches (every worker's first prefetched ones) before the clock starts, then times
+    >= 4 batches per worker from the same iterator. An iterator whose first batches are
+    slow (worker start-up) and the rest 20 ms each gives the 20 ms rate."""
+    import time
+    from pipeline_rate import Endless, loader_rate, warm_up_batches
+    from util.datasets import TrainSampler
+    sampler = TrainSampler(list(range(10)), 4, seed=0)
+    pairs = iter(Endless(sampler))
+    got = [next(pairs) for _ in range(3 * 8)]  # 2 batches of 4 per epoch
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        assert got[8 * epoch:8 * epoch + 8] == list(sampler)
+    served = []
+
+    def batches(workers):
+        for k in range(10 ** 6):
+            served.append(k)
+            time.sleep(0.5 if k < warm_up_batches(workers) else 0.02)
+            yield torch.zeros(2, 3, 4, 4), torch.zeros(2)
+
+    rate, shape, steps = loader_rate(batches(3), 2, 3, "cpu")
+    assert steps == 12 and len(served) == warm_up_batches(3) + 12 and shape == (2, 3, 4, 4)
+    assert 2 / 0.04 < rate < 2 / 0.02, rate  # 100 img/s at most; the 0.5 s batches would give < 20
+
+
+def test_pipeline_rate_smoke_times_both_loaders_with_the_stated_workers():
+    proc = run_script("benchmarks/pipeline_rate.py", "--smoke", "--workers", "1", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| default") or line.startswith("| --gpu")]
+    assert len(rows) == 2 and all(re.match(r"\| [^|]+ \| 1 \| [\d,.]+ \| 8 \| [\d,.]+ \|$", r) for r in rows), rows
+
+
+@pytest.mark.parametrize("wheels", ["missing", "broken"])
+def test_device_plan_runs_the_acceptance_whatever_the_wheels(tmp_path, wheels):
+    """benchmarks/device_plan.sh: no wheel folder, or a wheel pip cannot install, is one line
+    and the acceptance still runs (its sections skipped here to keep it short), then the
+    planned and measured time; the report file is written. (The former documented command
+    chained pip install && the acceptance: with either, nothing ran.)"""
+    import subprocess
+    whl = tmp_path / "whl"
+    if wheels == "broken":
+        whl.mkdir()
+        (whl / "simplejpeg-0-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"not a zip")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WHL": str(whl), "SITE": str(tmp_path / "site"),
+           "PYTHON": sys.executable, "LIMIT": "200"}
+    proc = subprocess.run(["bash", "benchmarks/device_plan.sh", "1", "--quick",
+                           "--skip", "peak,speed_b,train,race,overhead"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = "wheels: none in" if wheels == "missing" else "wheels: pip install from"
+    assert want in proc.stdout and "acceptance passed" in proc.stdout, proc.stdout
+    assert re.search(r"^device command 1: planned at most 200 s, measured \d+ s", proc.stdout, re.M), proc.stdout
+    assert (tmp_path / "out" / "plan1.md").read_text().count("GPU acceptance") == 1
+
+
 def test_cpu_kernels_runs():
     proc = run_script("benchmarks/cpu_kernels.py", "--repeats", "1", "--batch_size", "2", timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

@@ -18,9 +18,13 @@ Files that are not baseline RGB/grey JPEGs (PNG, CMYK, ...) are decoded with PIL
 worker and only cropped on the device. Pixel values differ from the PIL path by
 resampling rounding (a few levels out of 255, tested) and from the per-image
 torchvision resized_crop by at most one level. main_pretrain --gpu_decode uses it
-through DeviceDecodeLoader, which decodes one batch ahead on a side stream (CUDA).
+through DeviceDecodeLoader, which decodes one batch ahead in a thread of its own (on a
+CUDA side stream), so the decode overlaps the training step.
 The CUDA path is tested by the cuda-marked tests (benchmarks/gpu_acceptance.py).
 """
+import queue
+import threading
+
 import numpy as np
 import torch
 from torchvision import transforms
@@ -154,15 +158,31 @@ def decode_augment(datas, params, input_size, device, norm=None):
     groups = {}
     for k, img in enumerate(imgs):
         groups.setdefault(tuple(img.shape), []).append(k)
-    params = params.to(device, non_blocking=True)
     if len(groups) == 1:
-        out = crop_resize_flip(torch.stack(imgs), params, input_size)
-    else:
-        out = torch.empty(len(datas), 3, input_size, input_size, device=device)
-        for members in groups.values():
-            idx = torch.tensor(members, device=device)
-            out[idx] = crop_resize_flip(torch.stack([imgs[k] for k in members]), params[idx], input_size)
+        return (crop_resize_flip(torch.stack(imgs), upload(params, device), input_size) - mean) / std
+    order = [k for members in groups.values() for k in members]
+    params, order_d = upload_with_order(params, order, device)
+    out, start = torch.empty(len(datas), 3, input_size, input_size, device=device), 0
+    for members in groups.values():
+        idx = order_d[start:start + len(members)]  # a view: no copy, no sync
+        out[idx] = crop_resize_flip(torch.stack([imgs[k] for k in members]), params[idx], input_size)
+        start += len(members)
     return (out - mean) / std
+
+
+def upload(host, device):
+    """One host-to-device copy that does not block the calling thread: from pinned memory
+    on CUDA (a pageable copy is synchronous), unchanged on CPU."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def upload_with_order(params, order, device):
+    """params (N, 5) and the batch's indices grouped by image size (N,) in one copy:
+    a batch of real photos has dozens of sizes, and a copy per group syncs per group."""
+    both = upload(torch.cat([params.to(torch.int64).flatten(), torch.tensor(order, dtype=torch.int64)]), device)
+    return both[:params.numel()].view(params.shape), both[params.numel():]
 
 
 class DeviceDecodeLoader:
@@ -170,39 +190,47 @@ class DeviceDecodeLoader:
     normalised images on `device`, targets[, mask noise]), as the PIL pipeline's loader would.
     Keeps the wrapped loader's sampler and length (set_epoch, mid-epoch resume).
 
-    On CUDA the decode runs one batch ahead on a side stream: batch k+1 is queued before
-    batch k is handed over, so it decodes while the GPU still runs the earlier steps, and
-    the training stream waits only for batch k (an event). nvJPEG writes its outputs on a
-    stream of its own that does not wait for the stream current at the call (pytorch/vision
-    PR 9606, meta-pytorch/torchcodec PR 1634): blocks freed by work still queued on that
-    stream can be handed to it and overwritten. Hence the side stream, whose memory pool
-    holds no block of the training stream (the caching allocator keeps one per stream), a
-    synchronize of the side stream's own earlier work before each decode, and
+    The decode runs one batch ahead in a thread of its own (BackgroundDecode): batch k+1
+    decodes while the training thread runs step k, whose host time decode_jpeg's own
+    synchronisations would otherwise add to. Batches are still fetched from the DataLoader
+    in the training thread: with --num_workers 0 the fetch seeds the process's RNGs
+    (EpochSeeded), which another thread would race with.
+
+    On CUDA the thread decodes on a side stream and hands the batch over with an event: the
+    training stream waits for it without a host sync. nvJPEG writes its outputs on a stream
+    of its own that does not wait for the stream current at the call (pytorch/vision PR 9606,
+    meta-pytorch/torchcodec PR 1634): blocks freed by work still queued on that stream can
+    be handed to it and overwritten. Hence the side stream, whose memory pool holds no block
+    of the training stream (the caching allocator keeps one per stream), a synchronize of
+    the side stream's own earlier work before each decode (in the decode thread), and
     record_stream on the handed-over images, so that the side stream reuses their memory
     only after the training stream has read them. On CPU the streams are no-ops."""
 
     def __init__(self, loader, input_size, device):
         self.loader, self.input_size, self.device = loader, input_size, torch.device(device)
         self.sampler = loader.sampler
-        self.norm = normalizer(self.device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.norm = None  # made on the stream that reads it (start)
 
     def __len__(self):
         return len(self.loader)
 
     def start(self, batch):
-        """Queue the decode of a (datas, params, targets[, mask noise]) batch: (images, the
-        rest, event)."""
+        """Decode a (datas, params, targets[, mask noise]) batch: (images, the rest, event
+        the images are ready at, None on CPU). On CUDA this returns once the work is queued
+        on the side stream; any thread may call it."""
         datas, params, *rest = batch
         if self.stream is None:
+            self.norm = self.norm or normalizer(self.device)
             return decode_augment(datas, params, self.input_size, self.device, self.norm), rest, None
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             self.stream.synchronize()  # nothing queued here may still read a block nvJPEG gets
+            self.norm = self.norm or normalizer(self.device)  # made on the side stream: read in order
             images = decode_augment(datas, params, self.input_size, self.device, self.norm)
             return images, rest, self.stream.record_event()
 
     def hand_over(self, started):
-        """The started batch, safe to use on the current stream."""
+        """The started batch, safe to use on the current stream (no host sync)."""
         images, rest, done = started
         if done is not None:
             current = torch.cuda.current_stream(self.device)
@@ -212,9 +240,48 @@ class DeviceDecodeLoader:
 
     def __iter__(self):
         batches = iter(self.loader)
-        ahead = next(batches, None)
-        ahead = self.start(ahead) if ahead is not None else None
-        while ahead is not None:
-            current, following = ahead, next(batches, None)
-            ahead = self.start(following) if following is not None else None  # one batch ahead
-            yield self.hand_over(current)
+        decoder = BackgroundDecode(self.start)
+        try:
+            pending = decoder.submit(next(batches, None))
+            while pending:
+                pending = decoder.submit(next(batches, None))  # batch k+1 decodes during step k
+                yield self.hand_over(decoder.result())
+        finally:  # epoch end, the consumer stopped early, or an error: the thread ends here
+            decoder.close()
+
+
+class BackgroundDecode:
+    """A thread that runs `work` on the submitted items in order, one at a time; results
+    (or the exception `work` raised, re-raised as is, so a UserError stays one line) come
+    back in the same order. close() ends the thread; daemon, so it never holds up exit."""
+
+    def __init__(self, work):
+        self.todo, self.done, self.closing = queue.Queue(), queue.Queue(), False
+        self.thread = threading.Thread(target=self._run, args=(work,), name="gpu-decode", daemon=True)
+        self.thread.start()
+
+    def _run(self, work):
+        with torch.no_grad():
+            while (item := self.todo.get()) is not None and not self.closing:
+                try:
+                    self.done.put((work(item), None))
+                except BaseException as e:  # noqa: B036 - surfaces in the training thread
+                    self.done.put((None, e))
+                    return
+
+    def submit(self, item):
+        """Queue `item` (None: nothing more); returns whether one was queued."""
+        if item is not None:
+            self.todo.put(item)
+        return item is not None
+
+    def result(self):
+        out, error = self.done.get()
+        if error is not None:
+            raise error
+        return out
+
+    def close(self):
+        self.closing = True  # a batch still queued is dropped, not decoded
+        self.todo.put(None)
+        self.thread.join()
