@@ -262,7 +262,7 @@ class ShardImageFolder(Dataset):
         self.samples = [(names[r], t) for r, t in zip(rows, self.targets)]
 
     def subset(self, indices):
-        """These samples only (a held-out split), in this order; shards and reads shared."""
+        """These samples only (a held-out split), in this order; it opens its own shards."""
         out = copy.copy(self)
         out.pid, out.fds, out.pool, out.fetched = None, OrderedDict(), None, {}  # opens its own
         out.rows = self.rows[np.asarray(indices, dtype=np.int64)]
