@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
-from util import preempt
 from util.dist import all_reduce_sum, get_rank, get_world_size
 from util.errors import BadImage, UserError
 from util.jpeg import DecodeCrop
@@ -319,7 +318,7 @@ def train_loader(dataset, args, seed, collate_fn=None, mask_patches=0):
     loader = DataLoader(EpochSeeded(dataset, seed, mask_patches, skip_bad), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
-                        generator=torch.Generator().manual_seed(seed), worker_init_fn=preempt.ignore_in_workers)
+                        generator=torch.Generator().manual_seed(seed))
     if len(loader) == 0:
         world = get_world_size()
         raise UserError(f"the training set has {len(dataset)} images, fewer than one effective batch of "
@@ -375,8 +374,7 @@ def on_device(loader, normalize, device):
 
 def eval_loader(dataset, args, batch_size=None):
     return DataLoader(dataset, sampler=ShardSampler(dataset), batch_size=batch_size or args.batch_size,
-                      num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
-                      worker_init_fn=preempt.ignore_in_workers)
+                      num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)
 
 
 # ---- reproducible augmentation and masks ----------------------------------------------

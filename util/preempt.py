@@ -24,15 +24,6 @@ def install_handlers():
         signal.signal(sig, _handler)
 
 
-def ignore_in_workers(worker_id):
-    """DataLoader worker_init_fn: SLURM signals every process of the step, loader workers
-    too, and torch's worker handler dies of a SIGTERM that does not come from its parent,
-    so the main process raised 'DataLoader worker ... killed by signal' before its
-    checkpoint. The main process handles the signal; the workers end with its loader."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def requested_locally():
     return _requested["signal"] is not None
 
