@@ -159,6 +159,49 @@ def test_sigterm_saves_and_exits_zero_then_continues(tmp_path):
     assert position(out) == (2, 0)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_to_every_process_with_loader_workers_saves_and_exits_zero(tmp_path, sig):
+    # SLURM signals every process of the step, the loader workers too: they must live on
+    # until the main process has written its checkpoint (torch's worker handler dies of
+    # a SIGTERM not sent by its parent, and SIGUSR1's default is to die).
+    out = tmp_path / "run"
+    proc = launch(out, "--num_workers", "2")
+    seen = wait_for_position(proc, out, (0, 1))
+    os.killpg(proc.pid, sig)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "preempted" in stdout and "Traceback" not in err
+    assert position(out) > seen
+    proc = launch(out, "--num_workers", "2")
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "resumed from" in stdout, err[-2000:]
+    assert position(out) == (2, 0)
+
+
+def _worker_that_sleeps(init, ready):
+    init(0)
+    ready.set()
+    time.sleep(120)
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="Linux only, as the handler")
+def test_loader_worker_ignores_others_signals_but_not_its_parents_terminate():
+    import multiprocessing
+    from util.preempt import LoaderWorkerSignals
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_worker_that_sleeps, args=(LoaderWorkerSignals(), ready), daemon=True)
+    worker.start()
+    assert ready.wait(30)
+    for sig in ("TERM", "USR1"):  # sent by another process, as slurmstepd's
+        subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    worker.terminate()  # what the loader's shutdown and multiprocessing's atexit send
+    worker.join(10)
+    assert worker.exitcode == 0
+
+
 def test_nonfinite_loss_retry_skips_the_batch(tmp_path, tiny_args):
     out = str(tmp_path / "nan")
     proc = run_script("tests/inject_nonfinite.py", "5", "main_pretrain.py", *tiny_args, "--epochs", "2",

@@ -21,6 +21,7 @@ from torchvision.transforms import functional as F
 
 from util.dist import all_reduce_sum, get_rank, get_world_size
 from util.errors import BadImage, UserError
+from util.preempt import LoaderWorkerSignals
 from util.jpeg import DecodeCrop
 from util.sources import (PIL_MAX_PIXELS, ImageReader, ListedImages, holdout_split, names_digest, read_file_list,
                           shared_list_images)
@@ -318,7 +319,7 @@ def train_loader(dataset, args, seed, collate_fn=None, mask_patches=0):
     loader = DataLoader(EpochSeeded(dataset, seed, mask_patches, skip_bad), sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed), worker_init_fn=LoaderWorkerSignals())
     if len(loader) == 0:
         world = get_world_size()
         raise UserError(f"the training set has {len(dataset)} images, fewer than one effective batch of "
@@ -374,7 +375,8 @@ def on_device(loader, normalize, device):
 
 def eval_loader(dataset, args, batch_size=None):
     return DataLoader(dataset, sampler=ShardSampler(dataset), batch_size=batch_size or args.batch_size,
-                      num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False)
+                      num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
+                      worker_init_fn=LoaderWorkerSignals())
 
 
 # ---- reproducible augmentation and masks ----------------------------------------------

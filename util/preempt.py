@@ -9,6 +9,7 @@ checkpoint may come that many steps later."""
 import os
 import signal
 import subprocess
+import threading
 
 from util.dist import any_rank, get_rank
 
@@ -22,6 +23,32 @@ def _handler(signum, frame):
 def install_handlers():
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _handler)
+
+
+class LoaderWorkerSignals:
+    """A DataLoader worker_init_fn. SLURM signals every process of a step, loader workers
+    too; torch's worker handler dies of a SIGTERM its parent did not send (and SIGUSR1's
+    default is to die), and the main process then fails before its checkpoint. So a
+    worker blocks both and a thread takes them: a SIGTERM from the main process (the
+    loader's or multiprocessing's terminate() at shutdown) still ends it at once, as
+    torch's handler would; from anyone else they are ignored, and the main process ends
+    its workers after it has saved."""
+
+    def __init__(self):
+        self.main_pid = os.getpid()  # the worker's parent is a forkserver under that start method
+
+    def __call__(self, worker_id):
+        if not hasattr(signal, "sigwaitinfo"):  # not on macOS: keep torch's behaviour
+            return
+        signals = {signal.SIGTERM, signal.SIGUSR1}
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # threads started later inherit it
+        threading.Thread(target=self._take, args=(signals,), daemon=True).start()
+
+    def _take(self, signals):
+        while True:
+            info = signal.sigwaitinfo(signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid in (self.main_pid, os.getppid()):
+                os._exit(0)
 
 
 def requested_locally():

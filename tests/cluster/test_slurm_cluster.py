@@ -224,7 +224,8 @@ def preempted_then_resumed(log):
 
 def test_scontrol_requeue_resumes_and_matches_uninterrupted(cluster, uninterrupted):
     out = new_out(cluster, "requeue")
-    job = submit(cluster, out)
+    # SLURM signals every process of the step, the loader workers too (they must live on)
+    job = submit(cluster, out, extra=("--num_workers", "2"))
     seen = wait_for_position(out, (0, 1))
     cluster.run("scontrol", "requeue", job)  # SLURM sends SIGTERM to the tasks, then requeues the job
     info = cluster.wait_done(job)
@@ -236,7 +237,7 @@ def test_scontrol_requeue_resumes_and_matches_uninterrupted(cluster, uninterrupt
 
 def test_preemption_signal_saves_and_job_requeues_itself(cluster, uninterrupted):
     out = new_out(cluster, "usr1")
-    job = submit(cluster, out)
+    job = submit(cluster, out, extra=("--num_workers", "2"))
     seen = wait_for_position(out, (0, 1))
     # what --signal=USR1@N delivers N seconds before the time limit, sent now
     cluster.run("scancel", "--signal=USR1", job)
