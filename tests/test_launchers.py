@@ -46,7 +46,7 @@ def planned(proc):
     plan, cmd = proc.stdout.splitlines()
     cmd = cmd.split()
     value = {k: cmd[cmd.index(k) + 1] for k in ("--batch_size", "--accum_iter", "--nnodes", "--node_rank",
-                                                  "--nproc_per_node", "--master_addr")}
+                                                  "--nproc_per_node", "--master_addr", "--master_port")}
     return plan, value
 
 
@@ -135,6 +135,24 @@ def test_slurm_steps_get_their_own_port_and_slurms_topology():
     plan, value = planned(proc)
     assert value["--node_rank"] == "1" and value["--master_addr"] == "nodeA" and "this is node 1" in plan
     assert proc.stderr.strip() == "note: NODE_RANK=0 from the environment ignored: srun says NODE_RANK=1"
+
+
+def test_inherited_master_address_and_port_in_an_srun_step_are_named(tmp_path):
+    # sbatch exports the submitting shell's MASTER_ADDR/MASTER_PORT: they are kept (a fast
+    # interface's name, a port the firewall opens) but a stale one is named, not silent
+    (tmp_path / "scontrol").write_text("#!/bin/sh\nprintf 'nodeA\\nnodeB\\n'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    proc = in_srun_step(1234, 2, 2, 2, 1, MASTER_ADDR="oldnode", MASTER_PORT="29500", PATH=path)
+    plan, value = planned(proc)
+    assert value["--master_addr"] == "oldnode" and value["--master_port"] == "29500"
+    assert proc.stderr.splitlines() == [
+        "note: MASTER_ADDR=oldnode from the environment kept: node 0 of this step is nodeA",
+        "note: MASTER_PORT=29500 from the environment kept: unset it for this job's own port 18234 "
+        "(jobs sharing a node and a port collide)"]
+    proc = in_srun_step(1234, 2, 2, 2, 1, PATH=path)  # nothing inherited: SLURM's, silently
+    plan, value = planned(proc)
+    assert (value["--master_addr"], value["--master_port"], proc.stderr) == ("nodeA", "18234", "")
 
 
 def test_sigusr1_to_the_launcher_reaches_the_workers_through_torchrun(tmp_path):

@@ -147,6 +147,16 @@ def test_first_host_of_a_slurm_node_list(monkeypatch):
         assert {k: dist.first_host(k) for k in cases} == cases
 
 
+def test_srun_steps_of_one_job_get_a_port_each():
+    from util import dist
+    ports = []
+    for step in ("0", "1", "extern"):  # a task of step 1 ran at step 0's port before
+        env = {"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": step, "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n1"}
+        dist._slurm_rendezvous(env)
+        ports.append(env["MASTER_PORT"])
+    assert ports == ["16234", "17234", "16234"]  # the launchers' rule (util/launch_env.sh)
+
+
 def test_output_dir_that_is_a_file(tmp_path, tiny_args):
     """A new user's typo: --output_dir names an existing file (or a path below one)."""
     afile = tmp_path / "notes.txt"

@@ -1,7 +1,7 @@
 """torch.distributed helpers. Launch with torchrun (which sets RANK, WORLD_SIZE,
 LOCAL_RANK) or with srun/submitit under SLURM (SLURM_PROCID, SLURM_NTASKS,
 SLURM_LOCALID; MASTER_ADDR defaults to the allocation's first host and MASTER_PORT
-to 15000 + job id % 10000); a plain `python` run is one process."""
+to 15000 + (job id + 1000 x step id) % 10000); a plain `python` run is one process."""
 import builtins
 import datetime
 import os
@@ -72,7 +72,9 @@ def _slurm_rendezvous(env):
                             "SLURM_JOB_NODELIST is set: export MASTER_ADDR=<first host of the job>")
         env["MASTER_ADDR"] = first_host(nodelist)
     if "MASTER_PORT" not in env:
-        env["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", 0)) % 10000)  # as submit_slurm.py
+        step = env.get("SLURM_STEP_ID", "0")  # two steps of one job at once: a port each, as the launchers
+        step = int(step) if step.isdigit() else 0
+        env["MASTER_PORT"] = str(15000 + (int(env.get("SLURM_JOB_ID", 0)) + 1000 * step) % 10000)
     nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
     if nodes > 1 and is_loopback(env["MASTER_ADDR"]):  # the other nodes would wait on their own loopback
         raise UserError(f"srun runs on {nodes} nodes but MASTER_ADDR={env['MASTER_ADDR']} is this host's "

@@ -22,8 +22,19 @@ if [ "$IN_STEP" -eq 1 ]; then
          "(srun --ntasks-per-node=1)" >&2
     exit 2
   fi
-  if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then  # torchrun's rank 0 runs on the step's first host
-    MASTER_ADDR=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
+  if [ "$NNODES" -gt 1 ]; then  # torchrun's rank 0 runs on the step's first host
+    FIRST_HOST=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" 2>/dev/null | head -n 1 || true)
+    if [ -z "${MASTER_ADDR:-}" ]; then
+      MASTER_ADDR=$FIRST_HOST
+    elif [ -n "$FIRST_HOST" ] && [ "$MASTER_ADDR" != "$FIRST_HOST" ]; then
+      # kept (it may name the first host's fast interface), but an inherited stale one hangs the rendezvous
+      echo "note: MASTER_ADDR=$MASTER_ADDR from the environment kept: node 0 of this step is $FIRST_HOST" >&2
+    fi
+  fi
+  JOB_PORT=$((15000 + (SLURM_JOB_ID + 1000 * SLURM_STEP_ID) % 10000))  # step 0: as submit_slurm.py
+  if [ -n "${MASTER_PORT:-}" ] && [ "$MASTER_PORT" != "$JOB_PORT" ]; then
+    echo "note: MASTER_PORT=$MASTER_PORT from the environment kept: unset it for this job's own" \
+         "port $JOB_PORT (jobs sharing a node and a port collide)" >&2
   fi
 elif [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ] && [ "${SLURM_NNODES:-1}" -gt 1 ]; then
   echo "error: ${SLURM_NNODES} nodes: start $(basename "$0") once per node with" \
