@@ -594,7 +594,7 @@ def test_probe_data_gives_knn_accuracy_while_pretraining_unlabeled(tmp_path):
             "--diag_images", "4", "--output_dir", out]
     proc = run_script("main_pretrain.py", *args, "--probe_data", probe)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "kNN on 6 val images, bank of 12 train images, 2 classes" in proc.stdout
+    assert "on 6 val images, bank and fit on 12 train images, 2 classes" in proc.stdout
     stats = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert 0 <= stats["probe_knn_acc1"] <= stats["probe_knn_acc5"] == 100  # 2 classes: top-5 holds both
     assert not any("loss_ce" in k or "online" in k for k in stats)
