@@ -26,7 +26,7 @@ from util.dist import all_gather_padded, all_reduce_sum, get_world_size
 
 LINEAR_EPOCHS = 100  # passes over the probe's train split per eval epoch
 LINEAR_BATCH = 256
-LINEAR_LR = 1e-3
+LINEAR_LR = 1e-2
 
 
 def shard_features(model, dataset, device, args):
