@@ -35,7 +35,7 @@ def write_probe(root, n_train, n_val):
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
             c = i % 2
-            pixels = (torch.rand(36, 40, 3, generator=g) * 200 + 20 * c).byte().numpy()
+            pixels = (torch.rand(36, 40, 3, generator=g) * 200 + 3 * c).byte().numpy()
             (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
 
