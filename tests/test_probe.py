@@ -91,7 +91,9 @@ def test_probe_numbers_on_two_ranks_equal_one_rank(tmp_path):
     """A probe of 13 train and 7 val images (primes: no batch or rank count divides them):
     2 gloo ranks of batch 4 log the kNN and linear numbers of 1 rank of batch 8 (the same
     effective batch, so the same training), both ranks finish, and every val image is
-    counted once (a padding sampler would score 8)."""
+    counted once (a padding sampler would score 8). Exact equality: the pretrained weights
+    agree to float rounding only (DDP's mean of two gradients), but no probe image lies that
+    close to a decision boundary, so the counts are the same."""
     unlabeled_tree(tmp_path / "data")
     write_probe(tmp_path / "probe", 13, 7)
     numbers = {}
