@@ -16,8 +16,8 @@ import models_mae
 from engine_pretrain import exact_accumulation, train_one_epoch
 from loss_func import REG_ALIASES, REG_CHOICES
 from monitors.diagnostics import log_diagnostics
-from monitors.knn import knn_monitor
 from monitors.online import evaluate_online
+from monitors.probe import LINEAR_EPOCHS, probe_monitor
 from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler, set_tf32
@@ -76,8 +76,8 @@ def get_args_parser():
     add_bool(g, "--knn_monitor", False, "kNN accuracy (train bank, eval transform) at every val_interval")
     g.add_argument("--probe_data", default=None,
                    help="a small labelled set (ImageFolder root with train/ and val/, its shards, or a "
-                        "labelled file list): kNN accuracy on it at every val_interval, e.g. while "
-                        "pretraining on an unlabeled --data_path")
+                        "labelled file list): kNN and linear-classifier accuracy on it at every "
+                        "val_interval, e.g. while pretraining on an unlabeled --data_path")
     return parser
 
 
@@ -167,20 +167,24 @@ def build_probe(args):
         raise UserError(f"--probe_data {args.probe_data} {need} ({str(e).split(' (')[0]})") from None
     if not getattr(train, "classes", None):
         raise UserError(f"--probe_data {args.probe_data} {need}")
-    print(f"probe data {args.probe_data}: kNN on {len(val)} val images, bank of {len(train)} train images, "
-          f"{len(train.classes)} classes, every --val_interval epochs")
+    print(f"probe data {args.probe_data}: kNN and a linear classifier ({LINEAR_EPOCHS} passes) on "
+          f"{len(val)} val images, bank and fit on {len(train)} train images, {len(train.classes)} classes, "
+          f"every --val_interval epochs")
     return train, val, len(train.classes)
 
 
-def log_probe_knn(model, probe, device, args, epoch, log_writer):
+def log_probe(model, probe, device, args, epoch, log_writer):
+    """kNN and the linear classifier fit on --probe_data's train split, scored on its val split."""
     train, val, classes = probe
-    acc = knn_monitor(model, val, device, args, dataset_train=train, nb_classes=classes)
-    print(f"probe kNN (k={acc['k']}) on {acc['n']} --probe_data val images: top-1 {acc['acc1']:.2f}  "
-          f"top-5 {acc['acc5']:.2f}")
+    acc = probe_monitor(model, train, val, classes, device, args)
+    knn, lin = acc["knn"], acc["linear"]
+    print(f"probe on {knn['n']} --probe_data val images: kNN (k={knn['k']}) top-1 {knn['acc1']:.2f}  "
+          f"top-5 {knn['acc5']:.2f}; linear top-1 {lin['acc1']:.2f}  top-5 {lin['acc5']:.2f}")
+    stats = {f"probe_{name}_acc{k}": acc[name][f"acc{k}"] for name in ("knn", "linear") for k in (1, 5)}
     if log_writer is not None:
-        log_writer.add_scalar("probe/knn_acc1", acc["acc1"], epoch)
-        log_writer.add_scalar("probe/knn_acc5", acc["acc5"], epoch)
-    return {"probe_knn_acc1": acc["acc1"], "probe_knn_acc5": acc["acc5"]}
+        for name, value in stats.items():
+            log_writer.add_scalar(name.replace("probe_", "probe/", 1), value, epoch)
+    return stats
 
 
 def build_train_loader(args, device):
@@ -240,7 +244,7 @@ def train(args, model, model_without_ddp, loader, optimizer, scaler, device, run
                 stats.update(log_online_probe(model_without_ddp, dataset_val, device, args, epoch, log_writer))
             stats.update(log_diagnostics(model_without_ddp, dataset_val, device, args, epoch, log_writer))
             if probe is not None:
-                stats.update(log_probe_knn(model_without_ddp, probe, device, args, epoch, log_writer))
+                stats.update(log_probe(model_without_ddp, probe, device, args, epoch, log_writer))
         if args.vis_every and get_rank() == 0 and ((epoch + 1) % args.vis_every == 0 or last):
             path = save_reconstructions(model_without_ddp, vis_imgs, args.mask_ratio, args.output_dir,
                                         epoch, log_writer)

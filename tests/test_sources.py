@@ -574,8 +574,9 @@ def test_one_held_out_image_logs_the_reconstruction_loss_not_a_traceback(tmp_pat
 
 
 def test_probe_data_gives_knn_accuracy_while_pretraining_unlabeled(tmp_path):
-    """--probe_data: a small labelled ImageFolder beside an unlabeled --data_path gives kNN
-    top-1/top-5 on its val split every eval epoch (log.txt probe_knn_*, TensorBoard probe/),
+    """--probe_data: a small labelled ImageFolder beside an unlabeled --data_path gives kNN and
+    linear top-1/top-5 on its val split every eval epoch (log.txt probe_knn_* and
+    probe_linear_*, TensorBoard probe/),
     the online classifier staying off; a probe folder without class folders is one line."""
     import json
     from conftest import TINY, assert_one_line_error, run_script
@@ -594,12 +595,14 @@ def test_probe_data_gives_knn_accuracy_while_pretraining_unlabeled(tmp_path):
             "--diag_images", "4", "--output_dir", out]
     proc = run_script("main_pretrain.py", *args, "--probe_data", probe)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "kNN on 6 val images, bank of 12 train images, 2 classes" in proc.stdout
+    assert "on 6 val images, bank and fit on 12 train images, 2 classes" in proc.stdout
     stats = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert 0 <= stats["probe_knn_acc1"] <= stats["probe_knn_acc5"] == 100  # 2 classes: top-5 holds both
+    assert stats["probe_linear_acc1"] == 100  # red and blue: one linear direction
     assert not any("loss_ce" in k or "online" in k for k in stats)
     events = EventAccumulator(str(out)).Reload()
-    assert events.Scalars("probe/knn_acc1")[-1].value == pytest.approx(stats["probe_knn_acc1"])
+    for name in ("knn_acc1", "linear_acc1", "linear_acc5"):
+        assert events.Scalars(f"probe/{name}")[-1].value == pytest.approx(stats[f"probe_{name}"])
     bad = run_script("main_pretrain.py", *args[:-1], tmp_path / "out2", "--probe_data", data)
     assert_one_line_error(bad, f"--probe_data {data} needs labels")
 
