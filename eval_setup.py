@@ -26,7 +26,8 @@ from util import preempt
 from util.amp import grad_scaler, set_tf32
 from util.cli import add_bool, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, build_train_set,
-                           check_nb_classes, eval_loader, eval_transform, num_classes_of, on_device, train_loader)
+                           check_nb_classes, class_names, eval_loader, eval_transform, num_classes_of, on_device,
+                           train_loader)
 from util.dist import broadcast_object, cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError
 from util.metric_logger import append_log, tensorboard_writer
@@ -172,7 +173,9 @@ def _report(prefix, stats):
 def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_grad=None):
     model_without_ddp = model
     scaler = grad_scaler(device, args.amp)
-    run_state = ckpt.resume_training(args, model_without_ddp, optimizer, scaler)
+    # saved in every checkpoint, for the exports (main_export: HF id2label, timm label_names)
+    classes = class_names(data.train if data.train is not None else data.val)
+    run_state = ckpt.resume_training(args, model_without_ddp, optimizer, scaler, classes=classes)
     if get_rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.eval:
@@ -197,7 +200,7 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
           f"{data.train_loader.sampler.describe()}; amp {args.amp}; device {device}; world size {get_world_size()}")
     print("args: " + json.dumps(ckpt.plain_args(args)))
     log_writer = tensorboard_writer(args.log_dir)
-    saver = ckpt.CheckpointSaver(args, model_without_ddp, optimizer, scaler, run_state, device)
+    saver = ckpt.CheckpointSaver(args, model_without_ddp, optimizer, scaler, run_state, device, classes)
 
     def train():
         nonlocal max_acc
@@ -212,7 +215,8 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
                 max_acc = test["acc1"]
                 ckpt.save_on_main({"model": model_without_ddp.state_dict(), "epoch": epoch,
                                    "acc1": test["acc1"], "acc5": test["acc5"],
-                                   "args": ckpt.plain_args(args)}, os.path.join(args.output_dir, BEST))
+                                   "args": ckpt.plain_args(args), **({"classes": classes} if classes else {})},
+                                  os.path.join(args.output_dir, BEST))
             print(f"max top-1: {max_acc:.2f}")
             # Every epoch, so auto-resume loses little; save_training prunes all but the
             # newest, every --save_every-th and the final checkpoint.
@@ -229,7 +233,7 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
 
     t0 = time.time()
     run_with_retries(args, run_state, train,
-                     lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler, run_state))
+                     lambda: ckpt.resume_training(args, model_without_ddp, optimizer, scaler, run_state, classes))
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}")
     if log_writer is not None:
         log_writer.close()

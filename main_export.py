@@ -93,8 +93,8 @@ def with_decoder(shape, entry, heads, source):
 
 # ---- reading our checkpoints -----------------------------------------------------------
 def read_ours(path):
-    """(state dict, saved args, kind, shape, registry entry); kind is 'pretrain' (models_mae
-    keys, decoder optional) or 'classifier' (models_vit: head / fc_norm)."""
+    """(state dict, saved args, kind, shape, registry entry, class names or None); kind is
+    'pretrain' (models_mae keys, decoder optional) or 'classifier' (models_vit: head / fc_norm)."""
     state = load_checkpoint(path)
     sd = state.get("model") if isinstance(state, dict) else None
     if not isinstance(sd, dict):
@@ -113,7 +113,21 @@ def read_ours(path):
         raise UserError(f"checkpoint {path} has MLP width {shape['mlp_dim']}, not 4 x {shape['embed_dim']}: "
                         "no model of this codebase has that shape")
     _load_into_ours(sd, kind, shape, entry, path)
-    return sd, args, kind, shape, entry
+    return sd, args, kind, shape, entry, class_names(state, sd, kind, path)
+
+
+def class_names(state, sd, kind, path):
+    """A classifier's class names by head output (main_linprobe / main_finetune save their
+    dataset's), or None: a checkpoint without them exports with the bare indices."""
+    names = state.get("classes")
+    if kind != "classifier" or names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) < len(names):
+        raise UserError(f"checkpoint {path} has 'classes' that are not a list of distinct names")
+    n_out = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    if len(names) != n_out:
+        raise UserError(f"checkpoint {path} names {len(names)} classes but its head has {n_out} outputs")
+    return names
 
 
 def fold_probe_head(sd):
@@ -167,9 +181,10 @@ def timm_weights(sd, kind):
 
 
 # ---- export ------------------------------------------------------------------------------
-def timm_call(shape, entry, kind, global_pool, num_classes=0):
+def timm_call(shape, entry, kind, global_pool, num_classes=0, label_names=None):
     """(timm model name, create_model keywords) for the encoder: the registry name of its
-    size at 224 px, with img_size/patch_size/depth where they differ."""
+    size at 224 px, with img_size/patch_size/depth where they differ, and a classifier's
+    class names as timm's pretrained_cfg label_names (m.pretrained_cfg["label_names"])."""
     name = f"vit_{entry['size']}_patch{entry['patch_size']}_224"
     kw = dict(num_classes=num_classes)
     img = shape["grid"] * shape["patch_size"]
@@ -180,6 +195,8 @@ def timm_call(shape, entry, kind, global_pool, num_classes=0):
     if global_pool and kind == "pretrain":
         kw["fc_norm"] = False  # pretraining keeps the final norm on every token, then pools
     kw["pretrained_cfg_overlay"] = data_config(img, kw["num_classes"])
+    if label_names:
+        kw["pretrained_cfg_overlay"]["label_names"] = tuple(label_names)
     return name, kw
 
 
@@ -195,10 +212,10 @@ def export_timm(path, out):
     import timm
     if not out.endswith(".safetensors"):  # a .pth name would claim a torch.save file
         raise UserError(f"--format timm writes safetensors: name --output {out} *.safetensors")
-    sd, args, kind, shape, entry = read_ours(path)
+    sd, args, kind, shape, entry, names = read_ours(path)
     global_pool = "fc_norm.weight" in sd if kind == "classifier" else bool(args.get("global_pool"))
     n_cls = sd["head.weight"].shape[0] if kind == "classifier" else 0
-    name, kw = timm_call(shape, entry, kind, global_pool, n_cls)
+    name, kw = timm_call(shape, entry, kind, global_pool, n_cls, names)
     enc = timm_weights(sd, kind)
     model = timm.create_model(name, pretrained=False, **kw)
     try:
@@ -207,10 +224,12 @@ def export_timm(path, out):
         raise UserError(f"checkpoint {path} does not fit timm's {name}({kw}): {' '.join(str(e).split())[:200]}")
     data = kw["pretrained_cfg_overlay"]
     meta = {"timm_model": name, "timm_kwargs": json.dumps(kw), "source": os.path.basename(path),
-            **{k: json.dumps(data[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")}}
+            **{k: json.dumps(data[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
+            **({"label_names": json.dumps(names)} if names else {})}
     _write(out, lambda tmp: save_file(enc, tmp, metadata=meta))
     args_text = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-    what = f"the classifier ({n_cls} classes, " if n_cls else "the encoder ("
+    what = f"the classifier ({n_cls} classes{', named in label_names' if names else ''}, " if n_cls \
+        else "the encoder ("
     print(f"wrote {what}{len(enc)} tensors) to {out}; load it (strictly) with\n"
           f"  m = timm.create_model({name!r}, {args_text})\n"
           f"  m.load_state_dict(safetensors.torch.load_file({out!r}))\n"
@@ -238,7 +257,7 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
     except ImportError:
         raise UserError("--format hf needs transformers (pip install -r requirements.txt)") from None
     transformers.utils.logging.disable_progress_bar()
-    sd, args, kind, shape, entry = read_ours(path)
+    sd, args, kind, shape, entry, names = read_ours(path)
     if "fc_norm.weight" in sd:
         raise UserError(f"checkpoint {path} was fine-tuned with --global_pool: its fc_norm on the mean patch "
                         "token has no place in HF's ViTModel / ViTMAEModel (they end in one layernorm on every "
@@ -247,7 +266,7 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
     norm_pix_loss = bool(args.get("norm_pix_loss", False)) if norm_pix_loss is None else norm_pix_loss
     mask_ratio = float(args.get("mask_ratio", 0.75)) if mask_ratio is None else mask_ratio
     if kind == "classifier":  # the cls token's final norm -> head, as models_vit without --global_pool
-        config = hf_classifier_config(shape, entry, num_labels=sd["head.weight"].shape[0])
+        config = hf_classifier_config(shape, entry, sd["head.weight"].shape[0], names)
         table = {**interop.hf_table(shape["depth"], 0, prefix="vit."),
                  "head.weight": "classifier.weight", "head.bias": "classifier.bias"}
         cls = transformers.ViTForImageClassification
@@ -269,7 +288,7 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
                             f"into {cls.__name__} exactly: {bad}")
     _write(out, write)
     dropped = sorted({k.split(".")[0] for k in sd if k not in table})
-    what = (f"{config.num_labels} classes" if kind == "classifier"
+    what = (f"{config.num_labels} classes" + (", named in id2label" if names else "") if kind == "classifier"
             else f"norm_pix_loss {norm_pix_loss}, mask_ratio {mask_ratio}")
     print(f"wrote {cls.__name__} ({what}) to {out}"
           + (f"; left out: {', '.join(dropped)}" if dropped else "") + "; load it with\n"
@@ -279,9 +298,12 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
     return config
 
 
-def hf_classifier_config(shape, entry, num_labels):
+def hf_classifier_config(shape, entry, num_labels, names=None):
+    """ViTForImageClassification's config; with the class names as id2label / label2id
+    (pipeline("image-classification") and config.id2label then name them, not LABEL_0)."""
     from transformers import ViTConfig
-    return ViTConfig(
+    labels = dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}) if names else {}
+    return ViTConfig(**labels,
         hidden_size=shape["embed_dim"], num_hidden_layers=shape["depth"], num_attention_heads=entry["num_heads"],
         intermediate_size=shape["mlp_dim"], hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True,
         image_size=shape["grid"] * shape["patch_size"], patch_size=shape["patch_size"], num_channels=3,

@@ -224,6 +224,105 @@ def test_interop_linear_probe_exports_as_a_classifier_with_its_logits(tmp_path, 
         torch.testing.assert_close(hf(pixel_values=x).logits, want, atol=ATOL, rtol=0)
 
 
+# ---- class names: from the training data to the exported classifiers ------------------------
+FOLDERS = ["zebra", "apple", "kite"]  # as written; ImageFolder's labels follow the sorted names
+NAMES = sorted(FOLDERS)
+EVAL_TINY = ["--model", "vit_tiny_patch16", "--input_size", "16", "--patch_size", "8", "--depth", "1",
+             "--batch_size", "4", "--num_workers", "0", "--warmup_epochs", "1", "--print_freq", "100"]
+RUNS = {"main_linprobe.py": [], "main_finetune.py": ["--cls_token"]}  # HF has no place for fc_norm
+
+
+def named_folder(root, classes, n_train=13, n_val=5):
+    """train/ and val/ class folders holding a prime number of random 16 px images each,
+    spread over the classes."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(7)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            folder = root / split / classes[i % len(classes)]
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def named_runs(tmp_path_factory):
+    """One epoch of main_linprobe.py and of main_finetune.py on a folder of named classes:
+    {script: (data root, output_dir)}."""
+    root = tmp_path_factory.mktemp("named")
+    data = named_folder(root / "data", FOLDERS)
+    runs = {}
+    for script, extra in RUNS.items():
+        out = root / script.replace(".py", "")
+        proc = run_script(script, *EVAL_TINY, *extra, "--epochs", "1", "--data_path", data, "--output_dir", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[script] = data, out
+    return runs
+
+
+@pytest.mark.parametrize("script", RUNS)
+def test_interop_probe_and_finetune_checkpoints_hold_the_class_names(named_runs, script):
+    _, out = named_runs[script]
+    saved = sorted(p.name for p in out.glob("checkpoint-*.pth"))
+    assert saved == ["checkpoint-0.pth", "checkpoint-best.pth"]
+    for name in saved:  # plain data: the weights-only load takes it
+        assert torch.load(out / name, weights_only=True)["classes"] == NAMES
+
+
+@pytest.mark.parametrize("script", RUNS)
+def test_interop_classifier_exports_carry_the_class_names(named_runs, script, tmp_path, capsys):
+    """HF: config.id2label / label2id by index, and the image-classification pipeline answers
+    with the names; timm: the printed call, run as printed, has them in pretrained_cfg
+    label_names, and the safetensors metadata holds them as JSON."""
+    import safetensors
+    from PIL import Image
+    ckpt = str(named_runs[script][1] / "checkpoint-best.pth")
+    folder = str(tmp_path / "hf")
+    main_export.export_hf(ckpt, folder)
+    assert "3 classes, named in id2label" in capsys.readouterr().out
+    hf = transformers.ViTForImageClassification.from_pretrained(folder)
+    assert hf.config.id2label == dict(enumerate(NAMES)) and hf.config.label2id == {n: i for i, n in enumerate(NAMES)}
+    classify = transformers.pipeline("image-classification", model=folder, device="cpu")
+    answer = classify(Image.new("RGB", (16, 16), (90, 30, 200)), top_k=3)
+    assert sorted(a["label"] for a in answer) == NAMES
+
+    out = str(tmp_path / "clf.safetensors")
+    main_export.export_timm(ckpt, out)
+    printed = capsys.readouterr().out.splitlines()
+    assert "3 classes, named in label_names" in printed[0]
+    scope = {"timm": timm, "safetensors": safetensors}
+    exec("import safetensors.torch\n" + "\n".join(line.strip() for line in printed[1:3]), scope)
+    assert scope["m"].pretrained_cfg["label_names"] == tuple(NAMES)
+    with safetensors.safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["label_names"]) == NAMES
+
+
+def test_interop_class_names_that_do_not_fit_the_head_are_one_line(named_runs, tmp_path):
+    state = torch.load(named_runs["main_linprobe.py"][1] / "checkpoint-best.pth", weights_only=True)
+    torch.save({**state, "classes": NAMES[:2]}, tmp_path / "two.pth")
+    for fmt, out in (("hf", tmp_path / "hf"), ("timm", tmp_path / "clf.safetensors")):
+        proc = run_script("main_export.py", "--checkpoint", tmp_path / "two.pth", "--format", fmt, "--output", out)
+        assert_one_line_error(proc, "names 2 classes but its head has 3 outputs")
+        assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("script", RUNS)
+def test_resume_keeps_the_class_names_and_refuses_other_classes(named_runs, script, tmp_path):
+    """Resumed on the same folder, the next epoch's checkpoint names the classes; on a folder
+    of as many classes but one other name, label 1 would be another class: one line."""
+    data, out = named_runs[script]
+    resume = ["--resume", out / "checkpoint-0.pth", "--epochs", "2", *RUNS[script]]
+    proc = run_script(script, *EVAL_TINY, *resume, "--data_path", data, "--output_dir", tmp_path / "same")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting at epoch 1" in proc.stdout
+    assert torch.load(tmp_path / "same" / "checkpoint-1.pth", weights_only=True)["classes"] == NAMES
+    other = named_folder(tmp_path / "other", ["zebra", "apple", "lion"])  # apple, lion, zebra
+    proc = run_script(script, *EVAL_TINY, *resume, "--data_path", other, "--output_dir", tmp_path / "other_run")
+    assert_one_line_error(proc, "trained on other classes: label 1 is 'kite' there, 'lion' in this dataset")
+    assert not list((tmp_path / "other_run").glob("checkpoint-*.pth"))
+
+
 def test_interop_hf_folder_has_the_training_preprocessing(tmp_path):
     """AutoImageProcessor loads the exported folder (Hub ViTMAE folders ship a
     preprocessor_config.json) with our mean/std and size, and its pixel_values through

@@ -193,6 +193,7 @@ def test_pretrain_batches_equal_the_imagefolder_ones(data, tiny_args, flags):
 def test_linprobe_finetune_and_eval_batches_equal_the_imagefolder_ones(data, tmp_path):
     from eval_setup import build_data, linprobe_transform
     from main_finetune import get_args_parser, train_transform
+    from util.datasets import class_names
     src, dst = data
     for make in (lambda a: linprobe_transform(a.input_size), train_transform):
         got = []
@@ -200,9 +201,11 @@ def test_linprobe_finetune_and_eval_batches_equal_the_imagefolder_ones(data, tmp
             args = get_args_parser().parse_args(["--data_path", path, "--input_size", "32", "--batch_size", "4",
                                                  "--num_workers", "0", "--output_dir", str(tmp_path)])
             d = build_data(args, make(args))
-            got.append((batches(d.train_loader), list(d.val_loader)))
+            got.append((batches(d.train_loader), list(d.val_loader), class_names(d.train), class_names(d.val)))
         assert_same_batches(got[0][0], got[1][0])
         assert_same_batches(got[0][1], got[1][1])
+        # the names a checkpoint keeps (main_export's id2label / label_names): the folders', from the index
+        assert got[0][2:] == got[1][2:] == (sorted(os.listdir(os.path.join(src, "train"))),) * 2
 
 
 def test_a_batch_read_together_gives_the_samples_of_reads_one_by_one(data):

@@ -237,11 +237,12 @@ class RunState:
         return self.logger_totals if epoch == self.epoch and self.step else None
 
 
-def save_training(args, epoch, model, optimizer, scaler, step=None, run=None, logger_totals=None):
+def save_training(args, epoch, model, optimizer, scaler, step=None, run=None, logger_totals=None, classes=None):
     """Everything needed to continue: model, optimizer, grad scaler, position (in
     steps of global_batch samples, with the effective batch, so that a run on another
     world size continues at the same sample), args (plain dict), the run's skipped
-    steps, the epoch's metric sums so far and every rank's RNG states. step=None marks
+    steps, the epoch's metric sums so far, every rank's RNG states and, given them, the
+    class names by label index (a plain list of str, for exports). step=None marks
     the end of `epoch`; otherwise the run continues at `step` of `epoch`. Old
     checkpoints beyond --keep_last are removed, except every --save_every-th epoch's.
     Returns the path written."""
@@ -252,6 +253,8 @@ def save_training(args, epoch, model, optimizer, scaler, step=None, run=None, lo
              **position_units(args), "args": plain_args(args), "rng": gather_rng_states(),
              "skip_steps": sorted(list(s) for s in (run.skip_steps if run else ())),
              "logger_totals": logger_totals}
+    if classes is not None:
+        state["classes"] = list(classes)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, checkpoint_name(epoch, step))
     save_on_main(state, path)
@@ -274,18 +277,20 @@ def prune_checkpoints(output_dir, keep_last, save_every, epochs):
                 os.remove(os.path.join(output_dir, name))
 
 
-def resume_training(args, model, optimizer, scaler, run=None):
+def resume_training(args, model, optimizer, scaler, run=None, classes=None):
     """Continue from --resume or (with --auto_resume) the newest checkpoint in
     output_dir; returns the RunState to continue from (epoch --start_epoch, step 0
     when there is nothing to resume). Given a `run` (a retry after a non-finite
     loss), load the newest checkpoint in output_dir into it, keeping its skipped
     steps. A weights-only checkpoint (no optimizer, e.g. an official MAE file)
-    loads the model and starts a new schedule."""
+    loads the model and starts a new schedule. Given this run's `classes`, a
+    checkpoint that names other ones is refused."""
     fresh = RunState(epoch=args.start_epoch)
     path, state = find_resume_checkpoint(args, newest=run is not None)
     if state is not None:
         if "model" not in state:
             raise UserError(f"checkpoint {path} has no 'model' entry")
+        check_classes(state.get("classes"), classes, path)
         weights = state["model"] if "optimizer" in state else interop.pretraining_weights(model, state["model"], path)
         load_model_state(model, weights, path, args.model, state.get("args", {}).get("model"))
         check_decoder_heads(model, state.get("args"), path)
@@ -306,6 +311,20 @@ def resume_training(args, model, optimizer, scaler, run=None):
     run.epoch, run.step, run.logger_totals = fresh.epoch, fresh.step, fresh.logger_totals
     run.skip_steps |= fresh.skip_steps
     return run
+
+
+def check_classes(saved, here, path):
+    """The same head output must mean the same class: a checkpoint trained on other class
+    names (or another order) would go on training and evaluating with every label moved.
+    Either side without names (an older checkpoint, a file list's bare labels) is not checked."""
+    if saved is None or here is None or list(saved) == list(here):
+        return
+    if len(saved) != len(here):
+        raise UserError(f"checkpoint {path} was trained on {len(saved)} classes, this dataset has {len(here)}: "
+                        "resume on the same classes, or start a new --output_dir")
+    i = next(i for i, (a, b) in enumerate(zip(saved, here)) if a != b)
+    raise UserError(f"checkpoint {path} was trained on other classes: label {i} is {saved[i]!r} there, "
+                    f"{here[i]!r} in this dataset; resume on the same classes, or start a new --output_dir")
 
 
 def position_units(args):
@@ -361,14 +380,14 @@ class CheckpointSaver:
     first step of an accumulation group, where no gradient is pending) every
     --save_every_steps steps or when preemption was asked for, then raises Preempted."""
 
-    def __init__(self, args, model, optimizer, scaler, run, device):
+    def __init__(self, args, model, optimizer, scaler, run, device, classes=None):
         self.args, self.model, self.optimizer, self.scaler = args, model, optimizer, scaler
-        self.run, self.device = run, device
+        self.run, self.device, self.classes = run, device, classes
         self.stop = False
 
     def save(self, epoch, step=None, logger_totals=None):
         return save_training(self.args, epoch, self.model, self.optimizer, self.scaler, step, self.run,
-                             logger_totals)
+                             logger_totals, self.classes)
 
     def poll_preemption(self):
         """Distributed runs: every rank learns of a signal to any rank at the same step

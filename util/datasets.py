@@ -281,6 +281,14 @@ def num_classes_of(dataset):
     return len(dataset.classes)
 
 
+def class_names(dataset):
+    """The class names by label index, as a plain list of str (ImageFolder's folder names, a
+    shard index's classes, torchvision's CIFAR names, SyntheticImages' class_i), or None
+    where the classes are bare label numbers (a labelled file list): numbers are no names."""
+    names = list(getattr(dataset, "classes", None) or [])
+    return [str(n) for n in names] if names and all(isinstance(n, str) for n in names) else None
+
+
 def check_nb_classes(args, dataset):
     """Fill args.nb_classes from the dataset, or fail if the user's value differs."""
     n = num_classes_of(dataset)
