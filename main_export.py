@@ -208,6 +208,13 @@ def data_config(img, num_classes):
                 crop_pct=img / eval_resize(img), crop_mode="center", num_classes=num_classes)
 
 
+class _Code(str):
+    """A name printed bare in the printed call (repr 'names', not "'names'")."""
+
+    def __repr__(self):
+        return str(self)
+
+
 def export_timm(path, out):
     import timm
     if not out.endswith(".safetensors"):  # a .pth name would claim a torch.save file
@@ -223,14 +230,18 @@ def export_timm(path, out):
     except RuntimeError as e:
         raise UserError(f"checkpoint {path} does not fit timm's {name}({kw}): {' '.join(str(e).split())[:200]}")
     data = kw["pretrained_cfg_overlay"]
-    meta = {"timm_model": name, "timm_kwargs": json.dumps(kw), "source": os.path.basename(path),
+    # the names once, in their own field: 1,000 of them inside the printed call would bury it
+    short = {**kw, "pretrained_cfg_overlay": {**data, **({"label_names": _Code("names")} if names else {})}}
+    meta = {"timm_model": name, "timm_kwargs": json.dumps(short, default=repr), "source": os.path.basename(path),
             **{k: json.dumps(data[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
             **({"label_names": json.dumps(names)} if names else {})}
     _write(out, lambda tmp: save_file(enc, tmp, metadata=meta))
-    args_text = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    args_text = ", ".join(f"{k}={v!r}" for k, v in short.items())
     what = f"the classifier ({n_cls} classes{', named in label_names' if names else ''}, " if n_cls \
         else "the encoder ("
+    read_names = f'  names = tuple(json.loads(safetensors.safe_open({out!r}, "pt").metadata()["label_names"]))\n'
     print(f"wrote {what}{len(enc)} tensors) to {out}; load it (strictly) with\n"
+          f"{read_names if names else ''}"
           f"  m = timm.create_model({name!r}, {args_text})\n"
           f"  m.load_state_dict(safetensors.torch.load_file({out!r}))\n"
           f"  # timm.data.resolve_model_data_config(m): {data['input_size'][1]} px, ImageNet mean/std, bicubic")

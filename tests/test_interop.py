@@ -291,8 +291,9 @@ def test_interop_classifier_exports_carry_the_class_names(named_runs, script, tm
     main_export.export_timm(ckpt, out)
     printed = capsys.readouterr().out.splitlines()
     assert "3 classes, named in label_names" in printed[0]
-    scope = {"timm": timm, "safetensors": safetensors}
-    exec("import safetensors.torch\n" + "\n".join(line.strip() for line in printed[1:3]), scope)
+    assert len(printed) == 5 and all("zebra" not in line for line in printed)  # names read back, not printed
+    scope = {"timm": timm, "safetensors": safetensors, "json": json}
+    exec("import safetensors.torch\n" + "\n".join(line.strip() for line in printed[1:4]), scope)
     assert scope["m"].pretrained_cfg["label_names"] == tuple(NAMES)
     with safetensors.safe_open(out, "pt") as f:
         assert json.loads(f.metadata()["label_names"]) == NAMES
