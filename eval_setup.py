@@ -26,7 +26,7 @@ from util import preempt
 from util.amp import grad_scaler, set_tf32
 from util.cli import add_bool, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, build_train_set,
-                           check_nb_classes, class_names, eval_loader, eval_transform, num_classes_of, on_device,
+                           check_nb_classes, check_same_classes, class_names, eval_loader, eval_transform, num_classes_of, on_device,
                            train_loader)
 from util.dist import broadcast_object, cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError
@@ -118,6 +118,8 @@ def build_data(args, train_tf):
     if num_classes_of(dataset_val) != args.nb_classes:
         raise UserError(f"the val split has {num_classes_of(dataset_val)} classes, "
                         f"the train split {args.nb_classes}")
+    if dataset_train is not None:
+        check_same_classes(dataset_train, dataset_val)
     return SimpleNamespace(
         train=dataset_train, val=dataset_val,
         train_loader=None if args.eval else on_device(train_loader(dataset_train, args, seed=args.seed),

@@ -22,8 +22,9 @@ from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler, set_tf32
 from util.cli import Parser, add_bool, add_common_args, check_common_args, resolve_num_workers, seed_everything
-from util.datasets import (build_dataset, build_train_set, check_nb_classes, eval_loader, eval_transform,
-                           on_device, pretrain_transform, skipped_images, train_loader)
+from util.datasets import (build_dataset, build_train_set, check_nb_classes, check_same_classes, eval_loader,
+                           eval_transform, on_device, pretrain_transform, skipped_images, train_loader,
+                           train_source)
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError, exit_on_user_error
 from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_encoded
@@ -167,6 +168,7 @@ def build_probe(args):
         raise UserError(f"--probe_data {args.probe_data} {need} ({str(e).split(' (')[0]})") from None
     if not getattr(train, "classes", None):
         raise UserError(f"--probe_data {args.probe_data} {need}")
+    check_same_classes(train, val, f"--probe_data {args.probe_data}: the val split")
     print(f"probe data {args.probe_data}: kNN and a linear classifier ({LINEAR_EPOCHS} passes) on "
           f"{len(val)} val images, bank and fit on {len(train)} train images, {len(train.classes)} classes, "
           f"every --val_interval epochs")
@@ -276,6 +278,8 @@ def main(args):
     loader = build_train_loader(args, device)
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size)) \
         if args.val_interval or args.vis_every else None
+    if dataset_val is not None and args.online_probe:  # the online classifier's accuracy reads val labels
+        check_same_classes(train_source(loader), dataset_val)
     probe = build_probe(args) if args.val_interval else None
 
     model = build_model(args).to(device)

@@ -314,6 +314,29 @@ def test_bad_input_fails_with_one_line(case, pretrained, tmp_path):
     assert not os.path.exists(tmp_path / "o" / "checkpoint-0.pth")
 
 
+@pytest.mark.parametrize("script", ["main_linprobe.py", "main_pretrain.py", "probe_data"])
+def test_val_classes_other_than_the_train_ones_are_refused(script, pretrained, tmp_path):
+    # train a, b, c and val a, b, d: as many classes, but label 2 means c in one and d in the
+    # other, and every accuracy on val was silently wrong
+    make_image_folder(tmp_path / "data", ["a", "b", "c"])
+    os.rename(tmp_path / "data" / "val" / "c", tmp_path / "data" / "val" / "d")
+    base = ["--input_size", "16", "--patch_size", "8", "--num_workers", "0", "--batch_size", "2",
+            "--epochs", "1", "--output_dir", tmp_path / "o"]
+    if script == "main_linprobe.py":
+        proc = run_script(script, "--model", "vit_tiny_patch16", "--finetune", pretrained[1],
+                          "--data_path", tmp_path / "data", *base)
+        fragment = "the val split's classes differ from the train split's: label 2 is 'c' in train, 'd' in val"
+    elif script == "main_pretrain.py":
+        proc = run_script(script, "--model", "mae_vit_tiny_patch16", "--data_path", tmp_path / "data", *base)
+        fragment = "the val split's classes differ from the train split's: label 2 is 'c' in train, 'd' in val"
+    else:
+        proc = run_script("main_pretrain.py", "--model", "mae_vit_tiny_patch16", "--synthetic_size", "8",
+                          "--probe_data", tmp_path / "data", *base)
+        fragment = f"--probe_data {tmp_path / 'data'}: the val split's classes differ from the train split's"
+    assert_one_line_error(proc, fragment)
+    assert not os.path.exists(tmp_path / "o" / "checkpoint-0.pth")
+
+
 # ---- launchers ---------------------------------------------------------------------
 @pytest.mark.parametrize("script", ["linprobe.sh", "finetune.sh"])
 def test_launcher_runs_demo_recipe(script, pretrained, tmp_path):

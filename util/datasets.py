@@ -289,6 +289,25 @@ def class_names(dataset):
     return [str(n) for n in names] if names and all(isinstance(n, str) for n in names) else None
 
 
+def check_same_classes(train, val, what="the val split"):
+    """Fail unless `val`'s labels mean what `train`'s do: equal counts are not enough (train
+    a, b, c and val a, b, d: label 2 is c in one and d in the other, and accuracy is silently
+    wrong). Datasets without names (file lists' bare numbers) are not checked."""
+    a, b = class_names(train), class_names(val)
+    if a and b and a != b:
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        there = lambda names: repr(names[i]) if i < len(names) else "missing"
+        raise UserError(f"{what}'s classes differ from the train split's: label {i} is {there(a)} in train, "
+                        f"{there(b)} in val ({len(a)} vs {len(b)} classes)")
+
+
+def train_source(loader):
+    """The dataset under a train_loader (or a wrapper with a .loader)."""
+    while not isinstance(loader, DataLoader):
+        loader = loader.loader
+    return loader.dataset.dataset  # inside EpochSeeded
+
+
 def check_nb_classes(args, dataset):
     """Fill args.nb_classes from the dataset, or fail if the user's value differs."""
     n = num_classes_of(dataset)
