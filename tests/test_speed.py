@@ -365,7 +365,7 @@ def test_collate_encoded_and_batch_decode(tmp_path):
     paths = [jpeg_file(tmp_path, f"{i}.jpg", size=(100 + 10 * i, 80)) for i in range(3)]
     torch.manual_seed(0)
     datas, params, targets = collate_encoded([(PlanCrop()(read_encoded(p)), i) for i, p in enumerate(paths)])
-    assert len(datas) == 3 and params.shape == (3, 5) and targets.tolist() == [0, 1, 2]
+    assert len(datas.unpack()) == 3 and params.shape == (3, 5) and targets.tolist() == [0, 1, 2]
     out = decode_augment(datas, params, 16, "cpu")
     assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32 and torch.isfinite(out).all()
 
