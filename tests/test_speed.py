@@ -113,6 +113,7 @@ def test_data_speed_smoke(simplejpeg, tmp_path):
     for name in ("pil", "worker", "tensor"):
         assert re.search(rf"^{name}\s+images/s per core\s+[\d.]+", proc.stdout, re.M), proc.stdout
     assert len([line for line in proc.stdout.splitlines() if "ESTIMATE" in line and "cores/GPU" in line]) == 2
+    assert "peak: --peak_tflops 989 TFLOP/s (datasheet); not measured (--device cpu: no GPU here)" in proc.stdout
 
 
 def test_pipeline_rate_times_one_long_lived_iterator_after_its_warm_up():
