@@ -25,7 +25,7 @@ run in real DataLoaders with 1 and 2 workers (images/s divided by the workers). 
 line is the 1-worker DataLoader result. The load of the machine is printed with every
 measurement: on a shared machine per-core rates drop, the same-run ratios much less.
 The cores-per-GPU figures are ESTIMATES: one H100 at --mfu of --peak_tflops from the FLOPs
-model of benchmarks/pretrain_speed.py.
+model of benchmarks/pretrain_speed.py; with --device cuda also at the peak measured there.
 """
 import argparse
 import datetime
@@ -60,7 +60,7 @@ from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
 from torchvision.transforms import functional as F  # noqa: E402
 
 import models_mae  # noqa: E402
-from pretrain_speed import model_flops_per_image  # noqa: E402
+from pretrain_speed import measure_peak_tflops, model_flops_per_image  # noqa: E402
 from util.datasets import checked_loader, pretrain_transform  # noqa: E402
 from util.gpu_aug import PlanCrop, decode_augment, read_encoded  # noqa: E402
 from util.jpeg import DecodeCrop, dct_scale  # noqa: E402
@@ -312,13 +312,30 @@ def report(cli, rates, loader_rates):
           f"speedup={ratio(final, key('ours'), key('pil')):.2f}")
 
 
+def measured_peak_line(cli):
+    """(measured bf16 TFLOP/s or None, the line saying which peak the estimates use). The
+    datasheet figure is above what a GPU reaches (an H200: about 770-800 of 989.5 on a
+    large bf16 matmul), so on CUDA the estimates are also given at the measured peak."""
+    if not cli.device.startswith("cuda"):
+        return None, (f"peak: --peak_tflops {cli.peak_tflops:g} TFLOP/s (datasheet); not measured "
+                      f"(--device {cli.device}: no GPU here)")
+    measured, _ = measure_peak_tflops(torch.device(cli.device), torch.bfloat16)
+    return measured, (f"peak: --peak_tflops {cli.peak_tflops:g} TFLOP/s (datasheet); measured "
+                      f"{measured:.0f} TFLOP/s on {torch.cuda.get_device_name(cli.device)} (bf16 8192^3 matmul)")
+
+
 def projections(cli, per_core, worker_rate):
     estimates = gpu_estimates(cli)
+    measured, line = measured_peak_line(cli)
+    print(line)
     for name, (flops, ips) in estimates.items():
+        at_measured = "" if measured is None else (
+            f"; at the measured peak {ips * measured / cli.peak_tflops:.0f} images/s, ours "
+            f"{ips * measured / cli.peak_tflops / per_core['ours']:.1f} cores/GPU")
         print(f"{name}: {flops / 1e9:.1f} GFLOP per training image; ESTIMATE one GPU at "
               f"{100 * cli.mfu:.0f}% of {cli.peak_tflops:g} TFLOP/s = {ips:.0f} images/s -> "
               f"pil needs {ips / per_core['pil']:.1f} cores/GPU, ours {ips / per_core['ours']:.1f} "
-              f"cores/GPU, --gpu_decode {ips / worker_rate:.1f} cores/GPU (worker side only)")
+              f"cores/GPU, --gpu_decode {ips / worker_rate:.1f} cores/GPU (worker side only){at_measured}")
     cores = cli.node_cores - cli.node_gpus  # one core per GPU for its training process
     for name, (_, ips) in estimates.items():
         need = cli.node_gpus * ips

@@ -284,6 +284,63 @@ def test_gpu_decode_batch_of_mixed_sizes_and_worker_decoded_files(tmp_path):
         torch.testing.assert_close(got[k], want, rtol=0, atol=1.01 / (0.224 * 255), msg=paths[k])
 
 
+def test_gpu_decode_collate_packs_the_batch_into_two_tensors_and_back(tmp_path):
+    """collate_encoded's data is one uint8 tensor and one int64 table whatever the batch
+    size (a list of tensors took one shared-memory file descriptor per image); unpacked,
+    each item is the file's exact bytes, or the worker-decoded image, as views of it."""
+    from test_data_pipeline import photo, save
+    from util.gpu_aug import Packed, collate_encoded
+    paths = [save(photo(20 + i, 16, seed=i), tmp_path / f"{i}.jpg") for i in range(5)]
+    paths.insert(2, odd_jpeg(tmp_path, "CMYK"))  # decoded in the worker: (3, H, W)
+    items = [(PlanCrop()(read_encoded(p)), k) for k, p in enumerate(paths)]
+    packed, params, targets = collate_encoded(items)
+    tensors = [t for part in (packed, params, targets) for t in (part if isinstance(part, tuple) else [part])]
+    assert isinstance(packed, Packed) and len(tensors) == 4 and all(isinstance(t, torch.Tensor) for t in tensors)
+    got = packed.unpack()
+    assert len(got) == 6 and targets.tolist() == list(range(6))
+    for ((want, p), _), g, path in zip(items, got, paths):
+        assert g.shape == want.shape and torch.equal(g, want), path
+        assert g.untyped_storage().data_ptr() == packed.flat.untyped_storage().data_ptr()  # a view
+        torch.testing.assert_close(p, params[paths.index(path)], rtol=0, atol=0)
+    with open(paths[0], "rb") as f:
+        assert bytes(got[0].numpy()) == f.read()
+    torch.testing.assert_close(decode_augment(packed, params, 12, "cpu"),
+                               decode_augment([d for (d, _), _ in items], params, 12, "cpu"), rtol=0, atol=0)
+
+
+FEW_FDS = """
+import resource, sys, torch
+from torch.utils.data import DataLoader
+sys.path.insert(0, {root!r})
+from util.gpu_aug import PlanCrop, collate_encoded, decode_augment, read_encoded
+paths = {paths!r}
+class Files(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2 * len(paths)
+    def __getitem__(self, i):
+        return PlanCrop()(read_encoded(paths[i % len(paths)])), i
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+loader = DataLoader(Files(), batch_size=len(paths), num_workers=2, collate_fn=collate_encoded)
+for datas, params, targets in loader:
+    out = decode_augment(datas, params, 8, "cpu")
+    assert out.shape == (len(paths), 3, 8, 8) and torch.isfinite(out).all()
+    print("batch", len(targets))
+"""
+
+
+def test_gpu_decode_batches_of_300_under_a_256_descriptor_limit(tmp_path):
+    """2 loader workers, batches of 300 JPEGs, RLIMIT_NOFILE 256: both batches arrive and
+    decode (a list of 300 tensors needed 300 descriptors at once: 'Too many open files')."""
+    from test_data_pipeline import photo, save
+    img = photo(8, 8)
+    paths = [save(img, tmp_path / f"{i}.jpg", quality=50 + i % 40) for i in range(300)]
+    script = tmp_path / "few_fds.py"
+    script.write_text(FEW_FDS.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), paths=paths))
+    import subprocess
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["batch", "300", "batch", "300"], proc.stderr[-2000:]
+
+
 class CountingLoader:
     """A DataLoader stand-in of collate_encoded batches that logs when each is taken."""
 

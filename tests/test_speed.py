@@ -113,6 +113,7 @@ def test_data_speed_smoke(simplejpeg, tmp_path):
     for name in ("pil", "worker", "tensor"):
         assert re.search(rf"^{name}\s+images/s per core\s+[\d.]+", proc.stdout, re.M), proc.stdout
     assert len([line for line in proc.stdout.splitlines() if "ESTIMATE" in line and "cores/GPU" in line]) == 2
+    assert "peak: --peak_tflops 989 TFLOP/s (datasheet); not measured (--device cpu: no GPU here)" in proc.stdout
 
 
 def test_pipeline_rate_times_one_long_lived_iterator_after_its_warm_up():
@@ -365,7 +366,7 @@ def test_collate_encoded_and_batch_decode(tmp_path):
     paths = [jpeg_file(tmp_path, f"{i}.jpg", size=(100 + 10 * i, 80)) for i in range(3)]
     torch.manual_seed(0)
     datas, params, targets = collate_encoded([(PlanCrop()(read_encoded(p)), i) for i, p in enumerate(paths)])
-    assert len(datas) == 3 and params.shape == (3, 5) and targets.tolist() == [0, 1, 2]
+    assert len(datas.unpack()) == 3 and params.shape == (3, 5) and targets.tolist() == [0, 1, 2]
     out = decode_augment(datas, params, 16, "cpu")
     assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32 and torch.isfinite(out).all()
 

@@ -167,6 +167,9 @@ def resolve_num_workers(args, env=os.environ):
         return f"loader workers: {args.num_workers} per process (--num_workers)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))
+    # At most 16: about 13 cores keep one ViT-B GPU fed (RESULTS.md, cores per GPU), and each
+    # further worker only adds memory (its prefetched batches, its copy of the file list) and
+    # start-up time, e.g. 95 workers for a 96-core node's one process.
     args.num_workers = max(1, min(16, cores // local - 1))
     return (f"loader workers: {args.num_workers} per process ({cores} usable cores / {local} processes on this "
             "node, less 1 for the process, at most 16; --num_workers sets it)")

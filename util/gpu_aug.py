@@ -24,6 +24,7 @@ The CUDA path is tested by the cuda-marked tests (benchmarks/gpu_acceptance.py).
 """
 import queue
 import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,10 +82,47 @@ class PlanCrop:
         return data, torch.tensor([top, left, h, w, flip])
 
 
+class Packed(NamedTuple):
+    """A batch's data (read_encoded's) in two tensors: a worker hands each tensor of a batch
+    over in shared memory with a file descriptor of its own (torch's file_descriptor
+    strategy), so a list of 128 byte tensors took 128 descriptors per batch in flight (in the
+    worker and in the receiving process), and larger batches failed near a 1,024 limit. `flat`: every item's bytes back to back
+    (uint8); `meta`: (N, 5) int64 [start, end, channels, height, width], channels 0 for
+    encoded bytes, else a decoded image stored height x width x channels (the worker's
+    layout, so packing it copies nothing more). A namedtuple: the DataLoader's pin_memory
+    pins the two tensors and keeps the type."""
+    flat: torch.Tensor
+    meta: torch.Tensor
+
+    @staticmethod
+    def pack(datas):
+        parts, meta, start = [], [], 0
+        for d in datas:
+            if d.dim() == 1:
+                parts.append(d)
+                shape = (0, 0, 0)
+            else:
+                c, h, w = d.shape
+                parts.append(d.permute(1, 2, 0).reshape(-1))  # a view for read_encoded's HWC images
+                shape = (c, h, w)
+            meta.append((start, start + parts[-1].numel(), *shape))
+            start += parts[-1].numel()
+        flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+        return Packed(flat, torch.tensor(meta, dtype=torch.int64).view(-1, 5))
+
+    def unpack(self):
+        """The items as views into `flat` (no copy): 1-d bytes, or (C, H, W) images."""
+        out = []
+        for start, end, c, h, w in self.meta.tolist():
+            d = self.flat[start:end]
+            out.append(d if c == 0 else d.view(h, w, c).permute(2, 0, 1))
+        return out
+
+
 def collate_encoded(batch):
-    """DataLoader collate for (PlanCrop output, target): (list of data, params (N, 5), targets)."""
+    """DataLoader collate for (PlanCrop output, target): (Packed data, params (N, 5), targets)."""
     items, targets = zip(*batch)
-    return [d for d, _ in items], torch.stack([p for _, p in items]), torch.tensor(targets)
+    return Packed.pack([d for d, _ in items]), torch.stack([p for _, p in items]), torch.tensor(targets)
 
 
 # bicubic convolution with a = -0.5: the kernel of PIL's and torch's antialiased bicubic
@@ -141,10 +179,12 @@ def normalizer(device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 def decode_augment(datas, params, input_size, device, norm=None):
     """Decode on `device`, crop + resize + flip, normalise: (N, 3, S, S) float32.
+    `datas`: a list of read_encoded's data or a Packed batch of them.
     One decode_jpeg call for the batch's JPEGs, then one crop_resize_flip per group of
     images of the same decoded size (a few matrix products, not kernels per image).
     `norm`: normalizer(device), made once by the caller (default: made here)."""
     device = torch.device(device)
+    datas = datas.unpack() if isinstance(datas, Packed) else datas
     mean, std = norm if norm is not None else normalizer(device)
     imgs = [None] * len(datas)
     jpegs = [i for i, d in enumerate(datas) if d.dim() == 1]
