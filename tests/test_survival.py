@@ -129,6 +129,32 @@ def test_requeued_resume_job_continues_from_its_own_checkpoints(tmp_path):
     assert "resumed from " + str(tmp_path / "ref" / "checkpoint-1.pth") in stdout
 
 
+def test_resume_into_a_folder_with_checkpoints_further_on_is_refused(tmp_path):
+    """--resume X --output_dir D where D holds another run's checkpoints past X: before,
+    the requeued job went back to X each time (D's newest was not this run's) and
+    --keep_last deleted X and this run's own files. Resuming D's newest in place (MAE's way)
+    still works."""
+    out = tmp_path / "run"
+    proc = launch(out, "--save_every_steps", "0", "--save_every", "1")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    before = sorted(os.listdir(out))
+    assert {"checkpoint-0.pth", "checkpoint-1.pth"} <= set(before)
+    for start in (out / "checkpoint-0.pth", tmp_path / "elsewhere.pth"):  # in D, and a copy outside it
+        shutil.copy(out / "checkpoint-0.pth", tmp_path / "elsewhere.pth")
+        proc = launch(out, "--resume", start)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode != 0 and err.strip().splitlines() == [
+            f"error: --resume {start}: --output_dir {out} already holds checkpoint-1.pth, further on, of another "
+            "run: this run's checkpoints would mix with its and --keep_last would delete them; choose another "
+            "--output_dir (nothing was changed)"], err
+        assert sorted(os.listdir(out)) == before
+    proc = launch(out, "--resume", out / "checkpoint-1.pth", "--epochs", "3", "--save_every_steps", "0")
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "starting at epoch 2 step 0" in stdout, err[-2000:]
+    assert position(out) == (3, 0)
+
+
 def test_truncated_newest_checkpoint_falls_back(tmp_path):
     out = tmp_path / "run"
     proc = launch(out, "--epochs", "1")

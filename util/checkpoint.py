@@ -160,7 +160,13 @@ def find_resume_checkpoint(args, newest=False):
         path, state = newest_of_this_run(args) if is_main_process() else (None, None)
         path = broadcast_object(path)
         if path is None:
-            return args.resume, load_checkpoint(args.resume)
+            state = load_checkpoint(args.resume)
+            past = broadcast_object(checkpoint_past(args, state) if is_main_process() else None)
+            if past:
+                raise UserError(f"--resume {args.resume}: --output_dir {args.output_dir} already holds {past}, "
+                                "further on, of another run: this run's checkpoints would mix with its and "
+                                "--keep_last would delete them; choose another --output_dir (nothing was changed)")
+            return args.resume, state
         print(f"--resume {args.resume} started this run; continuing from its newest checkpoint {path}")
         return path, state if state is not None else load_checkpoint(path)
     if not (args.auto_resume or newest):
@@ -173,6 +179,23 @@ def find_resume_checkpoint(args, newest=False):
     if path is not None and state is None:
         state = load_checkpoint(path)
     return path, state
+
+
+def checkpoint_past(args, state):
+    """The name of a checkpoint in output_dir further on than where --resume's `state` starts
+    this run (another run's: a run only writes past its start), or None. Positions as
+    (next epoch, next step), a file's from its name, in this run's steps."""
+    if "optimizer" in state:
+        unit = state.get("global_batch") or args.batch_size * get_world_size()
+        start = (state.get("next_epoch", state.get("epoch", -1) + 1),
+                 state.get("next_step", 0) * unit / (args.batch_size * get_world_size()))
+    else:  # weights only: a new schedule from --start_epoch
+        start = (args.start_epoch, 0)
+    for path, epoch, step in list_checkpoints(args.output_dir):
+        at = (epoch + 1, 0) if step is None else (epoch, step)
+        if at > start and not os.path.samefile(path, args.resume):
+            return os.path.basename(path)
+    return None
 
 
 def newest_readable(output_dir):
