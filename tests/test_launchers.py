@@ -34,8 +34,8 @@ def test_pretrain_sh_unknown_recipe(tmp_path):
 def dry_run(script, nnodes, gpus, recipe, *args, **env):
     """The launcher's plan and torchrun command for NNODES x GPUS_PER_NODE, without GPUs."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("BATCH", "ACCUM", "EFF_BATCH")}
-    full_env.update({"RECIPE": recipe, "NNODES": str(nnodes), "NODE_RANK": "1", "MASTER_ADDR": "node0",
-                     "GPUS_PER_NODE": str(gpus), "PYTHON": sys.executable, "DRY_RUN": "1",
+    full_env.update({"RECIPE": recipe, "NNODES": str(nnodes), "NODE_RANK": "1" if nnodes > 1 else "0",
+                     "MASTER_ADDR": "node0" if nnodes > 1 else "127.0.0.1", "GPUS_PER_NODE": str(gpus), "PYTHON": sys.executable, "DRY_RUN": "1",
                      "CKPT": "pretrained.pth", **env})
     return subprocess.run(["bash", os.path.join(REPO, script), *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=60)
@@ -153,6 +153,11 @@ def test_inherited_master_address_and_port_in_an_srun_step_are_named(tmp_path):
     proc = in_srun_step(1234, 2, 2, 2, 1, PATH=path)  # nothing inherited: SLURM's, silently
     plan, value = planned(proc)
     assert (value["--master_addr"], value["--master_port"], proc.stderr) == ("nodeA", "18234", "")
+    # one node (sbatch pretrain.sh): an inherited address would send torchrun to another host
+    proc = in_srun_step(1234, 0, 1, 1, 0, MASTER_ADDR="oldnode", PATH=path)
+    plan, value = planned(proc)
+    assert value["--master_addr"] == "127.0.0.1"
+    assert proc.stderr.strip() == "note: MASTER_ADDR=oldnode from the environment ignored: one node meets on 127.0.0.1"
 
 
 def test_sigusr1_to_the_launcher_reaches_the_workers_through_torchrun(tmp_path):

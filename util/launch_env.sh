@@ -55,6 +55,13 @@ if [ "$NNODES" -gt 1 ]; then  # node 1.. would wait on their own loopback
       exit 2 ;;
   esac
 fi
+if [ "$NNODES" -eq 1 ] && [ -n "${MASTER_ADDR:-}" ]; then  # one node meets on itself
+  case "$MASTER_ADDR" in
+    127.*|localhost|::1) ;;
+    *) echo "note: MASTER_ADDR=$MASTER_ADDR from the environment ignored: one node meets on 127.0.0.1" >&2
+       MASTER_ADDR=127.0.0.1 ;;
+  esac
+fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-python}
