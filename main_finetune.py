@@ -9,6 +9,9 @@ erasing, warmup + cosine schedule, global pooling.
         --epochs 100 --drop_path 0.1 --data_path /imagenet
     python main_finetune.py --eval --resume output_dir/checkpoint-best.pth ...
 """
+if __name__ == "__main__":  # first: SLURM's TERM/USR1 during the imports below (seconds) ask for a checkpoint
+    from util import preempt  # instead of killing the run (preempt imports no torch)
+    preempt.install_handlers()
 import torch
 import torch.nn as nn
 from timm.data import Mixup, create_transform

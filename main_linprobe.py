@@ -8,6 +8,9 @@ blr 0.1, 90 epochs, 10 warmup), RandomResizedCrop + flip.
         --finetune mae_pretrain_vit_base.pth --batch_size 512 --accum_iter 4 --data_path /imagenet
     python main_linprobe.py --eval --resume output_dir/checkpoint-best.pth ...
 """
+if __name__ == "__main__":  # first: SLURM's TERM/USR1 during the imports below (seconds) ask for a checkpoint
+    from util import preempt  # instead of killing the run (preempt imports no torch)
+    preempt.install_handlers()
 import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.optim import Lars

@@ -3,6 +3,9 @@
     python main_pretrain.py                        # CPU demo on synthetic data
     torchrun --nproc_per_node 8 main_pretrain.py --data_path /imagenet ...
 """
+if __name__ == "__main__":  # first: SLURM's TERM/USR1 during the imports below (seconds) ask for a checkpoint
+    from util import preempt  # instead of killing the run (preempt imports no torch)
+    preempt.install_handlers()
 import argparse
 import datetime
 import json

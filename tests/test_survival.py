@@ -204,6 +204,19 @@ def test_signal_to_every_process_with_loader_workers_saves_and_exits_zero(tmp_pa
     assert position(out) == (2, 0)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_during_the_imports_saves_at_the_first_poll(tmp_path, sig):
+    # 1 s in, the run is importing torch (seconds): the handlers used to come after that,
+    # and the signal's default action killed it with nothing saved
+    out = tmp_path / "run"
+    proc = launch(out)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "preempted at epoch 0 step 1: checkpoint saved" in stdout and position(out) == (0, 1)
+
+
 def _worker_that_sleeps(init, ready):
     init(0)
     ready.set()

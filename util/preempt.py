@@ -11,8 +11,6 @@ import signal
 import subprocess
 import threading
 
-from util.dist import any_rank, get_rank
-
 _requested = {"signal": None}
 
 
@@ -57,6 +55,7 @@ def requested_locally():
 
 def stop_requested(device):
     """True on every rank if any rank got the signal (one tiny all-reduce when distributed)."""
+    from util.dist import any_rank  # here: the entry points import this module before torch
     return any_rank(requested_locally(), device)
 
 
@@ -67,6 +66,7 @@ class Preempted(Exception):
 def requeue_if_slurm():
     """After the time-limit warning (SIGUSR1), ask SLURM to requeue this job (rank 0
     only); harmless outside SLURM. Not after SIGTERM: a plain scancel must stop the job."""
+    from util.dist import get_rank
     job = os.environ.get("SLURM_JOB_ID")
     if job and get_rank() == 0 and _requested["signal"] == "SIGUSR1":
         try:
