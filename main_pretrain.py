@@ -139,8 +139,8 @@ def check_labels(args, dataset):
     """nb_classes from the data; an unlabeled source (no classes) turns the online probe off."""
     args.online_probe = bool(getattr(dataset, "classes", True))
     if not args.online_probe:
-        print("unlabeled data: online classifier off (no loss_ce / accuracy), "
-              "kNN and online-probe monitors skipped")
+        print("unlabeled data: online classifier off (no loss_ce / accuracy), its kNN and online-probe "
+              f"monitors skipped{' (--probe_data has its own)' if args.probe_data else ''}")
         args.nb_classes = 1  # the unused head still needs a width
         args.knn_monitor = False
         return

@@ -1,4 +1,5 @@
 """util/sources.py: unlabeled trees, file lists, the held-out split and image modes."""
+import os
 import re
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TINY, assert_one_line_error, run_script
 from util.errors import UserError
 from util.sources import (ListedImages, any_mode_loader, holdout_split, list_images, names_digest,
                           read_file_list)
@@ -620,3 +622,46 @@ def test_listing_prints_a_running_count_and_its_time(tmp_path):
     assert [line.split(": ")[1].split(" (")[0] for line in lines[1:-1]] == [
         "2 images in 2 folders so far", "3 images in 3 folders so far", "6 images in 4 folders so far"]
     assert lines[-1].startswith(f"listed 6 images in 4 folders below {tmp_path} in ")
+
+
+def test_file_lists_with_spaces_duplicates_and_labels_under_labels_none(tmp_path):
+    from util.sources import read_file_list
+    data = tmp_path / "photos 2024"
+    data.mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(data / f"img {i}.png")
+    lines = [f"photos 2024/img {i}.png {i % 2}" for i in range(6)]
+    (tmp_path / "list.txt").write_text("\n".join(lines + lines[:2]) + "\n")  # two joined lists overlap
+    paths, labels = read_file_list(str(tmp_path / "list.txt"))
+    assert paths == [str(data / f"img {i}.png") for i in range(6)] and labels == [0, 1, 0, 1, 0, 1]
+    (tmp_path / "bad.txt").write_text("photos 2024/img 0.png cat\n")
+    with pytest.raises(UserError, match="expected 'path \\[integer label\\]'"):
+        read_file_list(str(tmp_path / "bad.txt"))
+    (tmp_path / "clash.txt").write_text(lines[0] + "\n" + lines[0][:-1] + "1\n")
+    with pytest.raises(UserError, match="listed again with another label"):
+        read_file_list(str(tmp_path / "clash.txt"))
+    # --labels none on a labelled list: its labels go unused (they trained the online head before)
+    proc = run_script("main_pretrain.py", *TINY, "--input_size", "16", "--batch_size", "2", "--data_path",
+                      tmp_path / "list.txt", "--labels", "none", "--holdout", "0.3", "--output_dir", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "names 2 files again: each is kept once" in proc.stdout
+    assert "unlabeled data: online classifier off" in proc.stdout and "loss_ce:" not in proc.stdout
+    assert "held out 2 of 6 images" in proc.stdout
+
+
+def test_a_link_loop_lists_each_image_once(tmp_path):
+    from util.sources import list_images
+    (tmp_path / "sub").mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 8)).save(tmp_path / "sub" / f"{i}.png")
+    os.symlink("..", tmp_path / "sub" / "up")  # 410 names (each file 82 times) before
+    assert len(list_images(str(tmp_path))) == 5
+
+
+def test_holdout_outside_0_1_and_a_flat_folder_without_labels_none_are_one_line(tmp_path):
+    for bad in ("-0.5", "2"):
+        proc = run_script("main_pretrain.py", *TINY, "--holdout", bad, "--output_dir", tmp_path / "o")
+        assert_one_line_error(proc, f"--holdout {float(bad)}: a fraction between 0 and 1")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    proc = run_script("main_pretrain.py", *TINY, "--data_path", tmp_path, "--output_dir", tmp_path / "o")
+    assert_one_line_error(proc, "images without class folders: use --labels none")

@@ -120,6 +120,8 @@ def check_common_args(args):
     if args.save_every_steps < 0 or args.save_every_steps % args.accum_iter:
         raise UserError(f"--save_every_steps must be a multiple of --accum_iter ({args.accum_iter}), "
                         f"got {args.save_every_steps}")
+    if getattr(args, "holdout", None) is not None and not 0 < args.holdout < 1:  # -0.5 held out 1 image
+        raise UserError(f"--holdout {args.holdout}: a fraction between 0 and 1 is needed")
     if args.keep_last < 1 or args.nan_retries < 0:
         raise UserError("--keep_last must be >= 1 and --nan_retries >= 0")
     if args.num_workers is not None and args.num_workers < 0:

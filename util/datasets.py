@@ -199,7 +199,8 @@ def build_dataset(args, split, transform, loader=None):
         raise UserError(f"unknown dataset {kind!r}")
     root = os.path.join(args.data_path, split)
     if not os.path.isdir(root):
-        raise UserError(f"{root} does not exist: data_path must hold train/ and val/ folders")
+        raise UserError(f"{root} does not exist: data_path must hold train/ and val/ class folders "
+                        "(images without class folders: use --labels none)")
     try:
         return SubsetImageFolder(root, transform, read_class_subset(args.class_subset), loader)
     except FileNotFoundError as e:  # no class folders (tar shards without an index?), or a class folder without images
@@ -217,6 +218,10 @@ def build_listed(args, split, transform, loader=None):
     has_splits = all(os.path.isdir(os.path.join(path, s)) for s in ("train", "val"))
     if os.path.isfile(path):
         paths, labels = read_file_list(path)
+        if getattr(args, "labels", "folders") == "none" and labels is not None:  # the user said: no labels
+            if split == "train":
+                print(f"--labels none: the labels of {path} are not used")
+            labels = None
     elif has_splits:
         return ListedImages(shared_list_images(os.path.join(path, split)), None, transform, loader)
     else:

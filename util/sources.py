@@ -36,8 +36,13 @@ def list_images(root, progress_s=10.0, out=sys.stdout):
     sees the same order. On a slow file system a running count every `progress_s` seconds
     says the walk is alive; the end says how long it took."""
     found, folders, t0 = [], 0, time.monotonic()
-    last = t0
+    last, seen, again = t0, set(), 0
     for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link (a loop: every file many times)
+            dirs[:], again = [], again + 1
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs.sort()
         folders += 1
         found.extend(os.path.join(folder, f) for f in files if is_image_name(f))
@@ -48,7 +53,8 @@ def list_images(root, progress_s=10.0, out=sys.stdout):
     if not found:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTS)}) below {root}")
     found.sort()
-    print(f"listed {len(found):,} images in {folders:,} folders below {root} in {time.monotonic() - t0:.1f} s",
+    links = f" ({again:,} folders reached again through links: listed once)" if again else ""
+    print(f"listed {len(found):,} images in {folders:,} folders below {root} in {time.monotonic() - t0:.1f} s{links}",
           file=out, flush=True)
     return found
 
@@ -78,24 +84,39 @@ def shared_list_images(root):
     return list(_LISTED[key])
 
 
+_DUPLICATES_SAID = set()  # file lists whose repeated lines were reported
+
+
 def read_file_list(path):
-    """(paths, labels) from a text file: one path per line, relative to the list's folder
-    or absolute, optional second column an integer label (all lines or none)."""
+    """(paths, labels) from a text file: one path per line (spaces allowed), relative to the
+    list's folder or absolute, optionally followed by whitespace and an integer label (all
+    lines or none). A file named twice (joined lists) is kept once: twice, it could land in
+    both the training and the held-out split."""
     base = os.path.dirname(os.path.abspath(path))
-    paths, labels = [], []
+    first, repeats = {}, 0  # normalised path -> (line number, label)
     with open(path) as f:
         for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
+            line = line.strip()
+            if not line:
                 continue
-            if len(parts) > 2 or (len(parts) == 2 and not parts[1].lstrip("-").isdigit()):
-                raise UserError(f"{path}:{n}: expected 'path [integer label]', got {line.strip()!r}")
-            paths.append(os.path.join(base, parts[0]))
-            labels.append(int(parts[1]) if len(parts) == 2 else None)
-    if not paths:
+            parts = line.rsplit(None, 1)
+            has_label = len(parts) == 2 and parts[1].lstrip("-").isdigit()
+            name, label = (parts[0], int(parts[1])) if has_label else (line, None)
+            key = os.path.normpath(os.path.join(base, name))
+            if len(parts) == 2 and not has_label and not os.path.exists(key):  # a stat for spaced lines only
+                raise UserError(f"{path}:{n}: expected 'path [integer label]', got {line!r} (no such file)")
+            if key in first and first[key][1] != label:
+                raise UserError(f"{path}:{n}: {name} is listed again with another label (line {first[key][0]})")
+            repeats += key in first
+            first.setdefault(key, (n, label))
+    if not first:
         raise UserError(f"file list {path} names no files")
+    paths, labels = list(first), [label for _, label in first.values()]
     if len({lab is None for lab in labels}) > 1:
         raise UserError(f"file list {path}: some lines have a label and some do not")
+    if repeats and path not in _DUPLICATES_SAID:
+        _DUPLICATES_SAID.add(path)
+        print(f"note: file list {path} names {repeats:,} files again: each is kept once")
     return paths, None if labels[0] is None else labels
 
 
