@@ -529,6 +529,14 @@ def test_interop_hf_non_default_decoder_imports_resumes_and_round_trips(tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = torch.load(tmp_path / "run" / "checkpoint-0.pth", weights_only=True)["args"]
     assert (saved["decoder_num_heads"], saved["mask_ratio"], saved["norm_pix_loss"]) == (8, 0.5, True)
+    assert "warning" not in proc.stdout
+    # the printed command without its objective flags: trains at 0.75 on raw pixels, but says so
+    proc = run_script("main_pretrain.py", *tiny, "--resume", imported, *flags[:flags.index("--mask_ratio")],
+                      "--output_dir", tmp_path / "run3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"warning: checkpoint {imported} was trained with --mask_ratio 0.5, this run uses 0.75: pass " \
+           "--mask_ratio to keep the checkpoint's" in proc.stdout
+    assert f"warning: checkpoint {imported} was trained with --norm_pix_loss True, this run uses False" in proc.stdout
     heads = flags.index("--decoder_num_heads")
     proc = run_script("main_pretrain.py", *tiny, "--resume", imported, *flags[:heads], *flags[heads + 2:],
                       "--output_dir", tmp_path / "run2")

@@ -665,3 +665,15 @@ def test_holdout_outside_0_1_and_a_flat_folder_without_labels_none_are_one_line(
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     proc = run_script("main_pretrain.py", *TINY, "--data_path", tmp_path, "--output_dir", tmp_path / "o")
     assert_one_line_error(proc, "images without class folders: use --labels none")
+
+
+def test_a_non_image_file_is_named_plainly_also_from_a_loader_worker(tmp_path):
+    from util.errors import BadImage, _one_line
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    with pytest.raises(BadImage) as e:
+        any_mode_loader(str(tmp_path / "notes.jpg"))
+    assert str(e.value) == f"cannot read image {tmp_path / 'notes.jpg'}: not an image file PIL can identify"
+    # as a worker's exception reaches the main process (it printed 'util.errors.BadImage: ...')
+    worker = RuntimeError(f"Caught BadImage in DataLoader worker process 1.\nOriginal Traceback (most recent call "
+                          f"last):\n  File \"x.py\", line 1, in f\nutil.errors.BadImage: {e.value}")
+    assert _one_line(worker) == str(e.value)

@@ -240,6 +240,17 @@ def check_decoder_heads(model, saved_args, path):
                         f"pass --decoder_num_heads {want}")
 
 
+def warn_changed_objective(saved_args, args, path):
+    """A resumed run takes its objective from the command line, as MAE's: a checkpoint
+    trained (or imported) with another mask ratio, target or regulariser is said, in one
+    line each, instead of silently training something else (the loss jumps)."""
+    saved = saved_args if isinstance(saved_args, dict) else {}
+    for key in ("mask_ratio", "norm_pix_loss", "reg", "lamb"):
+        if key in saved and hasattr(args, key) and saved[key] != getattr(args, key):
+            print(f"warning: checkpoint {path} was trained with --{key} {saved[key]}, this run uses "
+                  f"{getattr(args, key)}: pass --{key} to keep the checkpoint's")
+
+
 def gather_rng_states():
     """Every rank's RNG states (each rank draws its own masks), as a list by rank."""
     return all_gather_object(rng_state())
@@ -317,6 +328,7 @@ def resume_training(args, model, optimizer, scaler, run=None, classes=None):
         weights = state["model"] if "optimizer" in state else interop.pretraining_weights(model, state["model"], path)
         load_model_state(model, weights, path, args.model, state.get("args", {}).get("model"))
         check_decoder_heads(model, state.get("args"), path)
+        warn_changed_objective(state.get("args"), args, path)
         if "optimizer" not in state:
             print(f"loaded weights from {path}; starting at epoch {fresh.epoch}")
         else:

@@ -18,7 +18,7 @@ def _one_line(exc):
     # DataLoader workers re-raise with the worker's traceback in the message;
     # the user only needs its last line, without the exception's module path.
     if "Original Traceback" in msg:
-        msg = msg.splitlines()[-1].split("UserError: ", 1)[-1]
+        msg = re.sub(r"^(?:\w+\.)*\w+: ", "", msg.splitlines()[-1], count=1)  # util.errors.BadImage: ...
     return msg
 
 

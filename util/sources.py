@@ -11,7 +11,7 @@ import time
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from util.dist import broadcast_object, get_rank
 from util.errors import BadImage, UserError
@@ -215,6 +215,8 @@ class ImageReader:
         except BadImage:
             raise
         except Exception as e:  # truncated, not an image, unreadable
+            if isinstance(e, UnidentifiedImageError):  # its text names a BytesIO object, not the file
+                e = "not an image file PIL can identify"
             raise BadImage(f"cannot read image {path}: {e}") from None
 
     def using(self, reader):
