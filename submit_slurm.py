@@ -94,6 +94,9 @@ def check_paths(args, script, script_args):
         raise UserError(f"output_dir {out} is not a folder ({existing} is a file)")
     if any(c in out for c in '"\n'):
         raise UserError(f"output_dir {out!r}: a double quote or newline cannot go in an #SBATCH --output line")
+    for opt in ("job_name", "partition", "account", "qos"):  # quoted in their #SBATCH lines
+        if any(c in (getattr(args, opt) or "") for c in '"\n'):
+            raise UserError(f"--{opt} {getattr(args, opt)!r}: a double quote or newline cannot go in an #SBATCH line")
     if args.nodes > 1 and out.startswith(NODE_LOCAL):
         raise UserError(f"output_dir {out} is node-local; with {args.nodes} nodes it must be on a shared file system")
     data = option_value(script_args, "--data_path")
@@ -167,7 +170,7 @@ def sbatch_script(args, script, script_args, output_dir):
     ntasks = tasks_per_node(args)
     script_args = absolute_paths(script_args)
     lines = ["#!/bin/bash",
-             f"#SBATCH --job-name={args.job_name or script.replace('main_', '').replace('.py', '')}",
+             f'#SBATCH --job-name="{args.job_name or script.replace("main_", "").replace(".py", "")}"',
              f"#SBATCH --nodes={args.nodes}",
              f"#SBATCH --ntasks-per-node={ntasks}"]
     if args.gpus_per_node:
@@ -185,7 +188,7 @@ def sbatch_script(args, script, script_args, output_dir):
               f"#SBATCH --error={log_pattern(output_dir, '%j.err')}"]
     for opt in ("partition", "account", "qos"):
         if getattr(args, opt):
-            lines.append(f"#SBATCH --{opt}={getattr(args, opt)}")
+            lines.append(f'#SBATCH --{opt}="{getattr(args, opt)}"')  # sbatch splits at spaces outside quotes
     port = args.master_port or "$((15000 + SLURM_JOB_ID % 10000))"
     lines += ["",
               "set -euo pipefail",

@@ -21,7 +21,7 @@ def test_dry_run_script(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --requeue", "#SBATCH --signal=USR1@120", "#SBATCH --partition=gpu",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR1@120", '#SBATCH --partition="gpu"',
                  "#SBATCH --time=4:00:00", f'#SBATCH --output="{out}/slurm/%j.out"'):
         assert line in text.splitlines(), line
     assert "#SBATCH --mem-per-gpu=60G" in text.splitlines()
@@ -41,10 +41,12 @@ def test_dry_run_quotes_an_output_dir_with_spaces_and_percent(tmp_path):
     out = tmp_path / "my runs" / "100% tcr"
     listing = tmp_path / "files.txt"
     listing.write_text("a.jpg\n")
-    proc = run_script("submit_slurm.py", "--gpus_per_node", "0", "--tasks_per_node", "1", "--dry_run", "--",
-                      "main_pretrain.py", "--output_dir", out, "--data_path", listing, "--labels", "none")
+    proc = run_script("submit_slurm.py", "--gpus_per_node", "0", "--tasks_per_node", "1", "--job_name", "mmae b16",
+                      "--account", "lab x", "--dry_run", "--", "main_pretrain.py", "--output_dir", out,
+                      "--data_path", listing, "--labels", "none")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
+    assert '#SBATCH --job-name="mmae b16"' in lines and '#SBATCH --account="lab x"' in lines
     assert f'#SBATCH --output="{tmp_path}/my runs/100%% tcr/slurm/%j.out"' in lines, proc.stdout
     assert f'#SBATCH --error="{tmp_path}/my runs/100%% tcr/slurm/%j.err"' in lines
     assert f"--output_dir '{out}'" in proc.stdout
