@@ -158,6 +158,11 @@ def test_inherited_master_address_and_port_in_an_srun_step_are_named(tmp_path):
     plan, value = planned(proc)
     assert value["--master_addr"] == "127.0.0.1"
     assert proc.stderr.strip() == "note: MASTER_ADDR=oldnode from the environment ignored: one node meets on 127.0.0.1"
+    # the batch script of a 2-node job with NNODES=1 inherited: it would leave a node idle unsaid
+    proc = dry_run("pretrain.sh", 1, 1, "mae", SLURM_JOB_ID="1234", SLURM_NNODES="2")
+    planned(proc)
+    assert proc.stderr.strip() == "note: NNODES=1 in an allocation of 2 nodes: this runs on this node only " \
+                                  "(srun --ntasks-per-node=1 bash pretrain.sh ... uses them all)"
 
 
 def test_sigusr1_to_the_launcher_reaches_the_workers_through_torchrun(tmp_path):

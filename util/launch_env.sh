@@ -40,6 +40,9 @@ elif [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ] && [ "${SLURM_NNODES:-1}
   echo "error: ${SLURM_NNODES} nodes: start $(basename "$0") once per node with" \
        "srun --ntasks-per-node=1 bash $(basename "$0") ..." >&2  # the batch script runs on the first node only
   exit 2
+elif [ -n "${SLURM_JOB_ID:-}" ] && [ "${SLURM_NNODES:-1}" -gt "${NNODES:-1}" ]; then  # an inherited NNODES=1
+  echo "note: NNODES=$NNODES in an allocation of $SLURM_NNODES nodes: this runs on this node only" \
+       "(srun --ntasks-per-node=1 bash $(basename "$0") ... uses them all)" >&2
 fi
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${MASTER_PORT:-}" ]; then
   # unique per job and step on a node too: two single-node jobs (or steps) on one node shared 29500
