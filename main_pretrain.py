@@ -26,8 +26,8 @@ from util import preempt
 from util.amp import grad_scaler, set_tf32
 from util.cli import Parser, add_bool, add_common_args, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import (build_dataset, build_train_set, check_nb_classes, check_same_classes, eval_loader,
-                           eval_transform, on_device, pretrain_transform, skipped_images, train_loader,
-                           train_source)
+                           eval_transform, on_device, pretrain_transform, readable_subset, skipped_images,
+                           train_loader, train_source)
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError, exit_on_user_error
 from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_encoded
@@ -283,6 +283,8 @@ def main(args):
         if args.val_interval or args.vis_every else None
     if dataset_val is not None and args.online_probe:  # the online classifier's accuracy reads val labels
         check_same_classes(train_source(loader), dataset_val)
+    if dataset_val is not None and args.skip_bad_images:  # a bad val image would stop every eval epoch
+        dataset_val = readable_subset(dataset_val, args)
     probe = build_probe(args) if args.val_interval else None
 
     model = build_model(args).to(device)

@@ -620,3 +620,32 @@ def test_listing_prints_a_running_count_and_its_time(tmp_path):
     assert [line.split(": ")[1].split(" (")[0] for line in lines[1:-1]] == [
         "2 images in 2 folders so far", "3 images in 3 folders so far", "6 images in 4 folders so far"]
     assert lines[-1].startswith(f"listed 6 images in 4 folders below {tmp_path} in ")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_skip_bad_images_leaves_a_bad_held_out_image_out_of_the_evaluation(tmp_path, ranks):
+    """A truncated JPEG in the held-out split (not in train): with --skip_bad_images the run
+    ends, saying once that 1 val image is left out (named; found by whichever rank read it),
+    and the monitors count the 3 images evaluated; without the flag it is one error line."""
+    import json
+    from conftest import TINY, assert_one_line_error, run_script
+    data = tmp_path / "d"
+    data.mkdir()
+    names = [f"{i:02d}.jpg" for i in range(20)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (40, 40), (i * 12, 255 - i * 12, 99)).save(data / name)
+    bad = data / names[holdout_split(names, 0.2)[1][0]]  # the split is fixed: this one is held out
+    bad.write_bytes(bad.read_bytes()[:150])
+    flags = [*TINY, "--batch_size", str(16 // ranks), "--data_path", data, "--labels", "none", "--holdout", "0.2",
+             "--val_interval", "1", "--diag_images", "8", "--vis_every", "1"]
+    proc = run_script("main_pretrain.py", *flags, "--skip_bad_images", "--output_dir", tmp_path / "a", torchrun=ranks)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stdout.splitlines() if "unreadable val images" in line]
+    assert len(said) == 1 and "skipped 1 unreadable val images of 4" in said[0] \
+        and f"first cannot read image {bad}" in said[0], proc.stdout
+    assert "(on 3 val images)" in proc.stdout
+    stats = json.loads((tmp_path / "a" / "log.txt").read_text().splitlines()[-1])
+    assert stats["train_skipped_images"] == 0 and np.isfinite(stats["diag_recon_loss"])
+    if ranks == 1:  # the error path is the same at any world size
+        assert_one_line_error(run_script("main_pretrain.py", *flags, "--output_dir", tmp_path / "b"),
+                              f"cannot read image {bad}")
