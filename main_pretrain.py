@@ -81,8 +81,8 @@ def get_args_parser():
     add_bool(g, "--knn_monitor", False, "kNN accuracy (train bank, eval transform) at every val_interval")
     g.add_argument("--probe_data", default=None,
                    help="a small labelled set (ImageFolder root with train/ and val/, or train/ alone: "
-                        "--holdout of it is val; its shards, or a labelled file list): kNN and linear-classifier accuracy on it at every "
-                        "val_interval, e.g. while pretraining on an unlabeled --data_path")
+                        "--holdout of it is val; its shards, or a labelled file list): kNN and linear-classifier "
+                        "accuracy on it at every val_interval, e.g. while pretraining on an unlabeled --data_path")
     return parser
 
 
