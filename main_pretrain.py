@@ -25,14 +25,15 @@ from util import checkpoint as ckpt
 from util import preempt
 from util.amp import grad_scaler, set_tf32
 from util.cli import Parser, add_bool, add_common_args, check_common_args, resolve_num_workers, seed_everything
-from util.datasets import (build_dataset, build_train_set, check_nb_classes, check_same_classes, eval_loader,
-                           eval_transform, on_device, pretrain_transform, skipped_images, train_loader,
-                           train_source)
+from util.datasets import (KeptSubset, build_dataset, build_train_set, check_nb_classes, check_same_classes,
+                           eval_loader, eval_transform, held_out, on_device, pretrain_transform, readable_subset,
+                           skipped_images, train_loader, train_source)
 from util.dist import cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError, exit_on_user_error
 from util.gpu_aug import DeviceDecodeLoader, PlanCrop, collate_encoded, read_encoded
 from util.metric_logger import append_log, tensorboard_writer
 from util.optim import adamw, scale_lr
+from util.shards import is_shard_split
 from util.survival import run_with_retries
 from util.vis import pick_across_classes, save_reconstructions
 
@@ -79,9 +80,9 @@ def get_args_parser():
     g.add_argument("--diag_images", default=1024, type=int, help="val images for the feature diagnostics (0 = off)")
     add_bool(g, "--knn_monitor", False, "kNN accuracy (train bank, eval transform) at every val_interval")
     g.add_argument("--probe_data", default=None,
-                   help="a small labelled set (ImageFolder root with train/ and val/, its shards, or a "
-                        "labelled file list): kNN and linear-classifier accuracy on it at every "
-                        "val_interval, e.g. while pretraining on an unlabeled --data_path")
+                   help="a small labelled set (ImageFolder root with train/ and val/, or train/ alone: "
+                        "--holdout of it is val; its shards, or a labelled file list): kNN and linear-classifier "
+                        "accuracy on it at every val_interval, e.g. while pretraining on an unlabeled --data_path")
     return parser
 
 
@@ -156,6 +157,19 @@ def log_online_probe(model, dataset_val, device, args, epoch, log_writer):
     return {"val_online_acc1": val["acc1"], "val_online_acc5": val["acc5"]}
 
 
+def probe_splits(probe_args, transform):
+    """--probe_data's (train, val). Class folders in train/ without val/ hold out the --holdout
+    fraction of train/ (util.sources.holdout_split of its sorted names, not stratified by
+    class), as a file list or shards without val/ do in build_dataset."""
+    root = os.path.join(probe_args.data_path, "train")
+    if os.path.exists(os.path.join(probe_args.data_path, "val")) or is_shard_split(root) \
+            or os.path.isfile(probe_args.data_path):
+        return tuple(build_dataset(probe_args, s, transform) for s in ("train", "val"))
+    full = build_dataset(probe_args, "train", transform)
+    train, held = held_out(probe_args, root, [os.path.relpath(p, root) for p, _ in full.samples])
+    return KeptSubset(full, train), KeptSubset(full, held)
+
+
 def build_probe(args):
     """--probe_data's (train, val, number of classes) with the eval transform, or None.
     Its labels come from its class folders (or its list's second column), whatever --labels
@@ -164,9 +178,12 @@ def build_probe(args):
         return None
     probe_args = argparse.Namespace(**{**vars(args), "data_path": args.probe_data, "dataset": None,
                                        "labels": "folders", "class_subset": None})
-    need = "needs labels: train/<class>/ and val/<class>/ folders, their shards or a labelled file list"
+    need = "needs labels: train/<class>/ folders (val/<class>/ optional), their shards or a labelled file list"
+    train_root = os.path.join(args.probe_data, "train")
+    if os.path.isdir(args.probe_data) and not os.path.isdir(train_root):  # build_dataset's line names --data_path
+        raise UserError(f"--probe_data {args.probe_data} {need} ({train_root} does not exist)")
     try:
-        train, val = (build_dataset(probe_args, s, eval_transform(args.input_size)) for s in ("train", "val"))
+        train, val = probe_splits(probe_args, eval_transform(args.input_size))
     except UserError as e:  # its hint would name --labels, which is --data_path's
         raise UserError(f"--probe_data {args.probe_data} {need} ({str(e).split(' (')[0]})") from None
     if not getattr(train, "classes", None):
@@ -283,6 +300,8 @@ def main(args):
         if args.val_interval or args.vis_every else None
     if dataset_val is not None and args.online_probe:  # the online classifier's accuracy reads val labels
         check_same_classes(train_source(loader), dataset_val)
+    if dataset_val is not None and args.skip_bad_images:  # a bad val image would stop every eval epoch
+        dataset_val = readable_subset(dataset_val, args)
     probe = build_probe(args) if args.val_interval else None
 
     model = build_model(args).to(device)

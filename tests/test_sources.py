@@ -677,3 +677,60 @@ def test_a_non_image_file_is_named_plainly_also_from_a_loader_worker(tmp_path):
     worker = RuntimeError(f"Caught BadImage in DataLoader worker process 1.\nOriginal Traceback (most recent call "
                           f"last):\n  File \"x.py\", line 1, in f\nutil.errors.BadImage: {e.value}")
     assert _one_line(worker) == str(e.value)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_skip_bad_images_leaves_a_bad_held_out_image_out_of_the_evaluation(tmp_path, ranks):
+    """A truncated JPEG in the held-out split (not in train): with --skip_bad_images the run
+    ends, saying once that 1 val image is left out (named; found by whichever rank read it),
+    and the monitors count the 3 images evaluated; without the flag it is one error line."""
+    import json
+    from conftest import TINY, assert_one_line_error, run_script
+    data = tmp_path / "d"
+    data.mkdir()
+    names = [f"{i:02d}.jpg" for i in range(20)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (40, 40), (i * 12, 255 - i * 12, 99)).save(data / name)
+    bad = data / names[holdout_split(names, 0.2)[1][0]]  # the split is fixed: this one is held out
+    bad.write_bytes(bad.read_bytes()[:150])
+    flags = [*TINY, "--batch_size", str(16 // ranks), "--data_path", data, "--labels", "none", "--holdout", "0.2",
+             "--val_interval", "1", "--diag_images", "8", "--vis_every", "1"]
+    proc = run_script("main_pretrain.py", *flags, "--skip_bad_images", "--output_dir", tmp_path / "a", torchrun=ranks)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stdout.splitlines() if "unreadable val images" in line]
+    assert len(said) == 1 and "skipped 1 unreadable val images of 4" in said[0] \
+        and f"first cannot read image {bad}" in said[0], proc.stdout
+    assert "(on 3 val images)" in proc.stdout
+    stats = json.loads((tmp_path / "a" / "log.txt").read_text().splitlines()[-1])
+    assert stats["train_skipped_images"] == 0 and np.isfinite(stats["diag_recon_loss"])
+    if ranks == 1:  # the error path is the same at any world size
+        assert_one_line_error(run_script("main_pretrain.py", *flags, "--output_dir", tmp_path / "b"),
+                              f"cannot read image {bad}")
+
+
+def test_probe_data_without_val_holds_out_its_train_images(tmp_path):
+    """--probe_data with train/<class>/ and no val/: --holdout of its train images (sorted
+    names, not stratified) is its val split, stated as for --data_path, and the probe numbers
+    come; class folders without train/ are one line that does not name --data_path."""
+    import json
+    from conftest import TINY, assert_one_line_error, run_script
+    data, probe = tmp_path / "data", tmp_path / "probe"
+    data.mkdir()
+    for i in range(20):
+        Image.new("RGB", (40, 36), (i * 9, 50, 100)).save(data / f"{i}.png")
+    for c, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (probe / "train" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (40, 36), tuple(v + 5 * i for v in colour)).save(probe / "train" / c / f"{i}.png")
+    args = [*TINY, "--batch_size", "8", "--data_path", data, "--labels", "none", "--holdout", "0.25",
+            "--val_interval", "1", "--diag_images", "4"]
+    proc = run_script("main_pretrain.py", *args, "--output_dir", tmp_path / "out", "--probe_data", probe)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held out 5 of 20 images" in proc.stdout and "held out 4 of 16 images" in proc.stdout
+    assert "on 4 val images, bank and fit on 12 train images, 2 classes" in proc.stdout
+    assert "probe on 4 --probe_data val images: kNN" in proc.stdout
+    stats = json.loads((tmp_path / "out" / "log.txt").read_text().splitlines()[-1])
+    assert stats["probe_linear_acc1"] == 100 and stats["probe_knn_acc5"] == 100
+    bad = run_script("main_pretrain.py", *args, "--output_dir", tmp_path / "out2", "--probe_data", probe / "train")
+    assert_one_line_error(bad, f"--probe_data {probe / 'train'} needs labels", "train does not exist")
+    assert "data_path" not in bad.stderr.replace("--probe_data", "")

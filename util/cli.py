@@ -72,7 +72,8 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
                    help="PIL's decompression-bomb limit (its default): a warning line over it, an error naming "
                    "the file over twice it; 0 = no limit")
     add_bool(g, "--skip_bad_images", False, "an unreadable training image is skipped (replaced by the next "
-             "index's sample, one line naming it) and counted in log.txt (train_skipped_images); "
+             "index's sample, one line naming it) and counted in log.txt (train_skipped_images); unreadable "
+             "val images are left out of the evaluations (one line at start); "
              "default: the run stops with one line naming the file")
     add_bool(g, "--pin_mem", True, "pin CPU memory in the DataLoader")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
-from util.dist import all_reduce_sum, get_rank, get_world_size
+from util.dist import all_gather_object, all_reduce_sum, get_rank, get_world_size
 from util.errors import BadImage, UserError
 from util.preempt import LoaderWorkerSignals
 from util.jpeg import DecodeCrop
@@ -409,6 +409,57 @@ def eval_loader(dataset, args, batch_size=None):
     return DataLoader(dataset, sampler=ShardSampler(dataset), batch_size=batch_size or args.batch_size,
                       num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
                       worker_init_fn=LoaderWorkerSignals())
+
+
+class ReadCheck(Dataset):
+    """Index i -> None where dataset[i] reads, else (i, the BadImage's line): readable_subset's scan."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            self.dataset[i]
+        except BadImage as e:
+            return i, str(e)
+        return None
+
+
+def bad_only(batch):
+    """ReadCheck's collate_fn: the unreadable samples of the batch."""
+    return [b for b in batch if b is not None]
+
+
+class KeptSubset(Subset):
+    """A Subset keeping the classes and (its samples') targets that the monitors read."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, indices)
+        self.classes = getattr(dataset, "classes", None)
+        if getattr(dataset, "targets", None) is not None:
+            self.targets = [dataset.targets[i] for i in indices]
+
+
+def readable_subset(dataset, args, what="val"):
+    """--skip_bad_images for an evaluation set: one pass (rank-sharded, gathered) finds the
+    unreadable images, which are then left out of every evaluation, not replaced: a replacement
+    would count one image twice in the metrics. Said once; `dataset` itself when all read."""
+    loader = DataLoader(ReadCheck(dataset), sampler=ShardSampler(dataset), batch_size=args.batch_size,
+                        num_workers=args.num_workers, collate_fn=bad_only, worker_init_fn=LoaderWorkerSignals())
+    with torch.random.fork_rng(devices=[]):  # the iterator's base seed: the run's RNG stays as without the flag
+        mine = [b for batch in loader for b in batch]
+    bad = sorted(b for rank in all_gather_object(mine) for b in rank)
+    if not bad:
+        return dataset
+    if len(bad) == len(dataset):
+        raise UserError(f"--skip_bad_images: no image of the {len(dataset)} {what} images could be read")
+    print(f"skipped {len(bad)} unreadable {what} images of {len(dataset)} (--skip_bad_images), left out of "
+          f"every evaluation: first {bad[0][1]}")
+    gone = {i for i, _ in bad}
+    return KeptSubset(dataset, [i for i in range(len(dataset)) if i not in gone])
 
 
 # ---- reproducible augmentation and masks ----------------------------------------------
