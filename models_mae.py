@@ -118,11 +118,15 @@ class MaskedAutoencoderViT(nn.Module):
         """Keep the int(L * (1 - mask_ratio)) patches with the smallest noise, per sample.
 
         Returns the kept tokens, the binary mask in the original order (1 = removed)
-        and ids_restore, which unshuffles a (kept + mask tokens) sequence.
+        and ids_restore, which unshuffles a (kept + mask tokens) sequence. With mask_ratio 0
+        and no noise the patches keep their order and no random number is drawn: evaluating
+        unmasked images (online head, monitors) leaves the training run's RNG stream alone.
         """
         n, length, dim = x.shape
         len_keep = int(length * (1 - mask_ratio))
-        if noise is None:
+        if noise is None and len_keep == length:
+            noise = torch.arange(length, device=x.device, dtype=torch.float32).expand(n, length)
+        elif noise is None:
             noise = torch.rand(n, length, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)

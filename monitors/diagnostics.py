@@ -135,13 +135,12 @@ def reconstruction_loss(model, dataset, device, args):
     loader = eval_loader(dataset, args)
     order = list(loader.sampler)
     seen = 0
-    with torch.random.fork_rng(devices=[]):  # the DataLoader's iterator draws its base seed from it
-        for imgs, _ in loader:
-            n = imgs.shape[0]
-            idx = torch.tensor(order[seen:seen + n])
-            seen += n
-            loss = model(imgs.to(device), args.mask_ratio, noise[idx].to(device)).loss
-            sums += torch.stack([loss.double() * n, torch.tensor(n, device=device, dtype=torch.float64)])
+    for imgs, _ in loader:
+        n = imgs.shape[0]
+        idx = torch.tensor(order[seen:seen + n])
+        seen += n
+        loss = model(imgs.to(device), args.mask_ratio, noise[idx].to(device)).loss
+        sums += torch.stack([loss.double() * n, torch.tensor(n, device=device, dtype=torch.float64)])
     model.train(was_training)
     total, n = all_reduce_sum(sums).tolist()
     return total / max(n, 1)

@@ -8,12 +8,10 @@ from util.amp import autocast
 def encode(model, imgs, amp="none", pools=(None,)):
     """Pooled encoder features of unmasked images, one (n, d) tensor per entry of `pools`
     (global_pool values: False = cls, True = mean patch token, None = the model's own),
-    from one encoder pass; a lone pool gives the tensor itself. The `noise` keeps the
-    patch order and spares the global RNG, so monitoring does not change a training run."""
-    n, length = imgs.shape[0], model.patch_embed.num_patches
-    noise = torch.arange(length, device=imgs.device, dtype=torch.float32).expand(n, length)
+    from one encoder pass; a lone pool gives the tensor itself. Mask ratio 0 keeps the patch
+    order and draws no random number, so monitoring does not change a training run."""
     with autocast(imgs.device, amp):
-        latent, _, _ = model.forward_encoder(imgs, 0.0, noise)
+        latent, _, _ = model.forward_encoder(imgs, 0.0)
         out = [model.pooled_features(latent, p).float() for p in pools]
     return out[0] if len(out) == 1 else out
 

@@ -31,9 +31,8 @@ LINEAR_LR = 1e-2
 
 def shard_features(model, dataset, device, args):
     """(features, labels) of this rank's ShardSampler shard (indices rank, rank+W, ...),
-    unmasked, encoder in eval mode; the CPU generator left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        return extract_features(model, eval_loader(dataset, args), device, args.amp)
+    unmasked, encoder in eval mode; the global RNG left as it was (encode, eval_loader)."""
+    return extract_features(model, eval_loader(dataset, args), device, args.amp)
 
 
 def gather_in_order(x, n):

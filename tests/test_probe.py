@@ -107,3 +107,24 @@ def test_probe_numbers_on_two_ranks_equal_one_rank(tmp_path):
         numbers[ranks] = probe_numbers(out)
     assert set(numbers[1]) == {"probe_knn_acc1", "probe_knn_acc5", "probe_linear_acc1", "probe_linear_acc5"}
     assert numbers[2] == numbers[1]
+
+
+def test_monitors_on_labelled_data_change_neither_the_weights_nor_the_rng_stream(tmp_path):
+    """Labelled data, 2 epochs: with every monitor at every epoch (online probe on val, kNN,
+    diagnostics, --probe_data) the run ends where it ends with none (--val_interval 0):
+    the same model, optimizer state and saved RNG states, bit for bit. The eval loaders
+    must not draw their workers' base seed from the global generator."""
+    write_probe(tmp_path / "data", 23, 5)
+    ckpts = []
+    for name, extra in (("quiet", ["--val_interval", "0", "--diag_images", "0"]),
+                        ("monitored", ["--val_interval", "1", "--knn_monitor", "--diag_images", "4",
+                                       "--probe_data", tmp_path / "data"])):
+        proc = run_script("main_pretrain.py", *TINY, "--data_path", tmp_path / "data", "--epochs", "2",
+                          "--batch_size", "8", "--num_workers", "1", *extra, "--output_dir", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        ckpts.append(torch.load(tmp_path / name / "checkpoint-1.pth", weights_only=False))
+    log = (tmp_path / "monitored" / "log.txt").read_text()
+    assert "val_online_acc1" in log and "knn" in log and "probe_linear_acc1" in log
+    quiet, monitored = ckpts
+    for key in ("model", "optimizer", "rng"):
+        assert identical(monitored[key], quiet[key]), key

@@ -406,9 +406,12 @@ def on_device(loader, normalize, device):
 
 
 def eval_loader(dataset, args, batch_size=None):
+    """In-order, rank-sharded loader of a whole evaluation set. Its own generator (the eval
+    transforms draw nothing): an iterator's base seed then comes from it, not from the global
+    RNG, so monitoring leaves a training run's RNG stream as it was."""
     return DataLoader(dataset, sampler=ShardSampler(dataset), batch_size=batch_size or args.batch_size,
                       num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
-                      worker_init_fn=LoaderWorkerSignals())
+                      generator=torch.Generator().manual_seed(0), worker_init_fn=LoaderWorkerSignals())
 
 
 class ReadCheck(Dataset):
@@ -448,9 +451,9 @@ def readable_subset(dataset, args, what="val"):
     unreadable images, which are then left out of every evaluation, not replaced: a replacement
     would count one image twice in the metrics. Said once; `dataset` itself when all read."""
     loader = DataLoader(ReadCheck(dataset), sampler=ShardSampler(dataset), batch_size=args.batch_size,
-                        num_workers=args.num_workers, collate_fn=bad_only, worker_init_fn=LoaderWorkerSignals())
-    with torch.random.fork_rng(devices=[]):  # the iterator's base seed: the run's RNG stays as without the flag
-        mine = [b for batch in loader for b in batch]
+                        num_workers=args.num_workers, collate_fn=bad_only, worker_init_fn=LoaderWorkerSignals(),
+                        generator=torch.Generator().manual_seed(0))  # the run's RNG stays as without the flag
+    mine = [b for batch in loader for b in batch]
     bad = sorted(b for rank in all_gather_object(mine) for b in rank)
     if not bad:
         return dataset
