@@ -337,6 +337,14 @@ def test_val_classes_other_than_the_train_ones_are_refused(script, pretrained, t
     assert not os.path.exists(tmp_path / "o" / "checkpoint-0.pth")
 
 
+def test_class_difference_names_the_first_label_that_differs():
+    from util.datasets import class_difference
+    assert class_difference(["a", "b"], ["a", "b"], "train", "val") == ""
+    assert class_difference(None, ["a"], "train", "val") == ""  # bare label numbers: not checked
+    assert class_difference(["a", "b", "c"], ["a", "b", "d"], "train", "val") == "label 2 is 'c' in train, 'd' in val"
+    assert class_difference(["a", "b"], ["a", "b", "c"], "x", "y") == "label 2 is missing in x, 'c' in y (2 vs 3 classes)"
+
+
 # ---- launchers ---------------------------------------------------------------------
 @pytest.mark.parametrize("script", ["linprobe.sh", "finetune.sh"])
 def test_launcher_runs_demo_recipe(script, pretrained, tmp_path):

@@ -320,7 +320,7 @@ def test_resume_keeps_the_class_names_and_refuses_other_classes(named_runs, scri
     assert torch.load(tmp_path / "same" / "checkpoint-1.pth", weights_only=True)["classes"] == NAMES
     other = named_folder(tmp_path / "other", ["zebra", "apple", "lion"])  # apple, lion, zebra
     proc = run_script(script, *EVAL_TINY, *resume, "--data_path", other, "--output_dir", tmp_path / "other_run")
-    assert_one_line_error(proc, "trained on other classes: label 1 is 'kite' there, 'lion' in this dataset")
+    assert_one_line_error(proc, "trained on other classes: label 1 is 'kite' in the checkpoint, 'lion' in this dataset;")
     assert not list((tmp_path / "other_run").glob("checkpoint-*.pth"))
 
 

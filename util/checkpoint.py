@@ -17,6 +17,7 @@ import torch
 from util import interop, preempt
 from util.dist import (all_gather_object, any_rank, barrier, broadcast_object, get_rank, get_world_size, is_dist,
                        is_main_process)
+from util.datasets import class_difference
 from util.errors import UserError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
@@ -352,14 +353,10 @@ def check_classes(saved, here, path):
     """The same head output must mean the same class: a checkpoint trained on other class
     names (or another order) would go on training and evaluating with every label moved.
     Either side without names (an older checkpoint, a file list's bare labels) is not checked."""
-    if saved is None or here is None or list(saved) == list(here):
-        return
-    if len(saved) != len(here):
-        raise UserError(f"checkpoint {path} was trained on {len(saved)} classes, this dataset has {len(here)}: "
-                        "resume on the same classes, or start a new --output_dir")
-    i = next(i for i, (a, b) in enumerate(zip(saved, here)) if a != b)
-    raise UserError(f"checkpoint {path} was trained on other classes: label {i} is {saved[i]!r} there, "
-                    f"{here[i]!r} in this dataset; resume on the same classes, or start a new --output_dir")
+    diff = class_difference(saved, here, "the checkpoint", "this dataset")
+    if diff:
+        raise UserError(f"checkpoint {path} was trained on other classes: {diff}; resume on the same classes, "
+                        "or start a new --output_dir")
 
 
 def position_units(args):

@@ -294,16 +294,25 @@ def class_names(dataset):
     return [str(n) for n in names] if names and all(isinstance(n, str) for n in names) else None
 
 
+def class_difference(a, b, in_a, in_b):
+    """Where two class-name lists first differ ("label i is 'x' in <in_a>, 'y' in <in_b>",
+    and "(n vs m classes)" when the counts differ), or "" when they agree or either has no names: the one check behind
+    check_same_classes and a resumed checkpoint's classes (util.checkpoint)."""
+    if not a or not b or list(a) == list(b):
+        return ""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    name = lambda names: repr(names[i]) if i < len(names) else "missing"
+    counts = f" ({len(a)} vs {len(b)} classes)" if len(a) != len(b) else ""
+    return f"label {i} is {name(a)} in {in_a}, {name(b)} in {in_b}{counts}"
+
+
 def check_same_classes(train, val, what="the val split"):
     """Fail unless `val`'s labels mean what `train`'s do: equal counts are not enough (train
     a, b, c and val a, b, d: label 2 is c in one and d in the other, and accuracy is silently
     wrong). Datasets without names (file lists' bare numbers) are not checked."""
-    a, b = class_names(train), class_names(val)
-    if a and b and a != b:
-        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        there = lambda names: repr(names[i]) if i < len(names) else "missing"
-        raise UserError(f"{what}'s classes differ from the train split's: label {i} is {there(a)} in train, "
-                        f"{there(b)} in val ({len(a)} vs {len(b)} classes)")
+    diff = class_difference(class_names(train), class_names(val), "train", "val")
+    if diff:
+        raise UserError(f"{what}'s classes differ from the train split's: {diff}")
 
 
 def train_source(loader):
