@@ -27,7 +27,7 @@ from util.amp import grad_scaler, set_tf32
 from util.cli import add_bool, check_common_args, resolve_num_workers, seed_everything
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, build_train_set,
                            check_nb_classes, check_same_classes, class_names, eval_loader, eval_transform, num_classes_of, on_device,
-                           train_loader)
+                           readable_subset, train_loader)
 from util.dist import broadcast_object, cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError
 from util.metric_logger import append_log, tensorboard_writer
@@ -120,6 +120,8 @@ def build_data(args, train_tf):
                         f"the train split {args.nb_classes}")
     if dataset_train is not None:
         check_same_classes(dataset_train, dataset_val)
+    if args.skip_bad_images:  # a bad val image would stop every evaluation
+        dataset_val = readable_subset(dataset_val, args)
     return SimpleNamespace(
         train=dataset_train, val=dataset_val,
         train_loader=None if args.eval else on_device(train_loader(dataset_train, args, seed=args.seed),

@@ -24,7 +24,7 @@ import torch
 import models_mae
 from util.checkpoint import load_checkpoint
 from util.cli import Parser, add_bool, add_common_args, check_common_args, resolve_num_workers, seed_everything
-from util.datasets import build_dataset, check_nb_classes, eval_loader, eval_transform
+from util.datasets import build_dataset, check_nb_classes, eval_loader, eval_transform, readable_subset
 from monitors.diagnostics import (FeatureStats, diag_subset, feature_stats, reconstruction_loss, spectrum_plot,
                                   summary_line)
 from monitors.fast_linear import LABEL, fast_linear_eval
@@ -169,6 +169,8 @@ def main(args):
     seed_everything(args.seed)
 
     dataset_val = build_dataset(args, "val", eval_transform(args.input_size))
+    if args.skip_bad_images:
+        dataset_val = readable_subset(dataset_val, args)
     if len(dataset_val) < 2:
         raise UserError(f"{len(dataset_val)} val image: the diagnostics need 2 or more "
                         "(a held-out split: raise --holdout)")
@@ -191,6 +193,8 @@ def main(args):
     if args.knn or args.linear:
         full_train = build_dataset(args, "train", eval_transform(args.input_size))
         dataset_train = subset(full_train, args.train_images)
+        if args.skip_bad_images:
+            dataset_train = readable_subset(dataset_train, args, "train")
         print(f"kNN bank and linear fit: {len(dataset_train):,} of {len(full_train):,} train images "
               f"(evenly spaced; --train_images)")
         train_x, train_y = extract_features(model, eval_loader(dataset_train, args), device, args.amp, pools)

@@ -189,6 +189,8 @@ def build_probe(args):
     if not getattr(train, "classes", None):
         raise UserError(f"--probe_data {args.probe_data} {need}")
     check_same_classes(train, val, f"--probe_data {args.probe_data}: the val split")
+    if args.skip_bad_images:  # a bad probe image would stop every eval epoch
+        train, val = (readable_subset(d, args, f"--probe_data {s}") for d, s in ((train, "train"), (val, "val")))
     print(f"probe data {args.probe_data}: kNN and a linear classifier ({LINEAR_EPOCHS} passes) on "
           f"{len(val)} val images, bank and fit on {len(train)} train images, {len(train.classes)} classes, "
           f"every --val_interval epochs")

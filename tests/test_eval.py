@@ -337,6 +337,53 @@ def test_val_classes_other_than_the_train_ones_are_refused(script, pretrained, t
     assert not os.path.exists(tmp_path / "o" / "checkpoint-0.pth")
 
 
+def jpeg_folder_with_bad_images(root, train=(5, 6), val=(4, 3)):
+    """Class folders a/ and b/ of JPEGs (per split, images per class: primes and odd sizes),
+    the first val image of b/ and the first train image of a/ truncated: (bad val, bad train)."""
+    for split, counts in (("train", train), ("val", val)):
+        for c, n in zip("ab", counts):
+            os.makedirs(root / split / c)
+            for i in range(n):
+                Image.new("RGB", (20, 18), (30 * i, 80 if c == "a" else 160, 120)).save(root / split / c / f"{i}.jpg")
+    bad = root / "val" / "b" / "0.jpg", root / "train" / "a" / "0.jpg"
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:120])
+    return bad
+
+
+@pytest.mark.parametrize("script", ["main_linprobe.py", "main_analyze.py", "probe_data"])
+def test_skip_bad_images_leaves_bad_val_images_out_of_every_evaluation(script, pretrained, tmp_path):
+    """--skip_bad_images on the evaluation side of linprobe (finetune shares it), main_analyze
+    (val and its kNN bank) and --probe_data (both splits): one line at start per split with a
+    bad image, the rest evaluated (6 of 7 val images); without the flag, one error line."""
+    bad_val, bad_train = jpeg_folder_with_bad_images(tmp_path / "data")
+    base = ["--input_size", "16", "--num_workers", "0", "--batch_size", "4"]
+    if script == "main_linprobe.py":
+        cmd = ["main_linprobe.py", "--model", "vit_tiny_patch16", "--patch_size", "8", "--finetune", pretrained[1],
+               "--data_path", tmp_path / "data", "--epochs", "1", "--warmup_epochs", "0", *base]
+        lines = ["skipped 1 unreadable val images of 7"]
+        counted = "on 6 val images"
+    elif script == "main_analyze.py":
+        cmd = ["main_analyze.py", "--checkpoint", pretrained[1], "--data_path", tmp_path / "data", *base,
+               "--out_json", tmp_path / "r.json"]
+        lines = ["skipped 1 unreadable val images of 7", "skipped 1 unreadable train images of 11"]
+        counted = "bank 10 train images"
+    else:
+        cmd = ["main_pretrain.py", "--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--synthetic_size", "8",
+               "--epochs", "1", "--val_interval", "1", "--vis_every", "0", "--probe_data", tmp_path / "data", *base]
+        lines = ["skipped 1 unreadable --probe_data val images of 7",
+                 "skipped 1 unreadable --probe_data train images of 11"]
+        counted = "probe on 6 --probe_data val images"
+    proc = run_script(*cmd, "--skip_bad_images", "--output_dir", tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in lines:
+        assert sum(line in out for out in proc.stdout.splitlines()) == 1, (line, proc.stdout)
+    assert counted in proc.stdout, proc.stdout
+    proc = run_script(*cmd, "--output_dir", tmp_path / "b")
+    assert_one_line_error(proc, "cannot read image ")
+    assert str(bad_val) in proc.stderr or str(bad_train) in proc.stderr
+
+
 def test_class_difference_names_the_first_label_that_differs():
     from util.datasets import class_difference
     assert class_difference(["a", "b"], ["a", "b"], "train", "val") == ""

@@ -73,7 +73,8 @@ def add_common_args(parser, batch_size=64, epochs=400, input_size=224):
                    "the file over twice it; 0 = no limit")
     add_bool(g, "--skip_bad_images", False, "an unreadable training image is skipped (replaced by the next "
              "index's sample, one line naming it) and counted in log.txt (train_skipped_images); unreadable "
-             "val images are left out of the evaluations (one line at start); "
+             "evaluation images (val, --probe_data, main_analyze's kNN bank) are left out of every evaluation "
+             "(one line at start); "
              "default: the run stops with one line naming the file")
     add_bool(g, "--pin_mem", True, "pin CPU memory in the DataLoader")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
