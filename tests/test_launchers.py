@@ -1,6 +1,7 @@
 """The shipped torchrun launchers run as shipped (2 CPU processes, tiny overrides)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -190,6 +191,30 @@ def test_sigusr1_to_the_launcher_reaches_the_workers_through_torchrun(tmp_path):
         log = "".join(log) + rest
         assert proc.returncode == 0, log[-3000:]
         assert "preempted at epoch 0" in log, log[-3000:]
+        assert any(p.name.startswith("checkpoint") for p in out.iterdir()), log[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigusr1_to_the_launcher_before_the_workers_exist_is_not_lost(tmp_path):
+    """The warning 0.3 s after the launch: torchrun is still importing and its workers do not
+    exist yet (before: the forward found no process, and the run trained on to its end)."""
+    import signal
+    import time
+    out = tmp_path / "early"
+    env = {**os.environ, "RECIPE": "mae", "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "EFF_BATCH": "16"}
+    env.pop("SLURM_JOB_ID", None)
+    args = [*TINY, "--synthetic_size", "4000", "--epochs", "50", "--batch_size", "8", "--output_dir", str(out)]
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "pretrain.sh"), *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGUSR1)
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log[-3000:]
+        assert re.search(r"preempted at epoch 0 step \d+: checkpoint saved", log), log[-3000:]
         assert any(p.name.startswith("checkpoint") for p in out.iterdir()), log[-3000:]
     finally:
         if proc.poll() is None:

@@ -142,13 +142,38 @@ launch() {
   fi
   trap '' USR1
   "$@" &
-  local pid=$! rc
-  trap 'pkill -USR1 -P "$pid"' USR1
+  local pid=$! rc fwd=
+  trap 'forward_usr1 "$pid" & fwd=$!' USR1
   trap 'kill -TERM "$pid" 2>/dev/null' TERM
   trap 'kill -INT "$pid" 2>/dev/null' INT
   while true; do  # a trapped signal ends `wait` early (status > 128) while torchrun runs on
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break
   done
+  [ -z "$fwd" ] || kill "$fwd" 2>/dev/null || true  # a forwarder still waiting (set -e safe)
   exit "$rc"
+}
+
+# forward_usr1 PID: USR1 to torchrun's workers once each has its handler (USR1 in its caught
+# mask): a warning during the start-up, before they exist, would be lost, and a worker still
+# starting ignores USR1 (inherited). Not sent twice: a Python process restores USR1's default
+# while it exits, so a second one after its save would kill it. One worker is enough (the
+# ranks agree on stopping); those caught at the time all get it.
+forward_usr1() {
+  trap '' USR1
+  local child sent=
+  while kill -0 "$1" 2>/dev/null; do
+    for child in $(pgrep -P "$1"); do
+      catches_usr1 "$child" && kill -USR1 "$child" 2>/dev/null && sent=1
+    done
+    [ -n "$sent" ] && return 0
+    sleep 0.2
+  done
+}
+
+catches_usr1() {  # SIGUSR1 (10) in /proc's SigCgt mask; without /proc, assumed
+  local mask
+  [ -r "/proc/$1/status" ] || return 0
+  mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null)
+  [ -n "$mask" ] && (( (16#$mask >> 9) & 1 ))
 }
