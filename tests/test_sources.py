@@ -679,6 +679,22 @@ def test_a_non_image_file_is_named_plainly_also_from_a_loader_worker(tmp_path):
     assert _one_line(worker) == str(e.value)
 
 
+@pytest.mark.parametrize("flags", [[], ["--fast_decode", "false"], ["--gpu_decode"]])
+def test_a_text_file_named_jpg_is_named_plainly_on_every_training_decode_path(tmp_path, flags):
+    """PIL's own text names a BytesIO object ('cannot identify image file <_io.BytesIO object
+    at 0x...>'): every decode path says what the file is instead."""
+    data = tmp_path / "d"
+    for c in ("a", "b"):
+        (data / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 36), (i * 60, 90, 30)).save(data / "train" / c / f"{i}.jpg")
+    (data / "train" / "b" / "notes.jpg").write_text("not a picture")
+    proc = run_script("main_pretrain.py", *TINY, "--data_path", data, "--batch_size", "7", *flags,
+                      "--output_dir", tmp_path / "o")
+    assert_one_line_error(proc, f"cannot read image {data / 'train' / 'b' / 'notes.jpg'}: "
+                                "not an image file PIL can identify")
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_skip_bad_images_leaves_a_bad_held_out_image_out_of_the_evaluation(tmp_path, ranks):
     """A truncated JPEG in the held-out split (not in train): with --skip_bad_images the run

@@ -35,7 +35,7 @@ from util.amp import full_fp32_matmul
 from util.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import BadImage
 from util.shards import read_bytes
-from util.sources import ImageReader
+from util.sources import ImageReader, unreadable
 
 
 class ReadEncoded:
@@ -61,7 +61,7 @@ class ReadEncoded:
         except BadImage:
             raise
         except Exception as e:  # truncated, not an image, unreadable
-            raise BadImage(f"cannot read image {path}: {e}") from None
+            raise unreadable(path, e) from None
 
 
 read_encoded = ReadEncoded()

@@ -33,7 +33,7 @@ from torchvision.transforms import InterpolationMode
 
 from util.errors import BadImage
 from util.shards import read_bytes
-from util.sources import ImageReader, orient_pixels
+from util.sources import ImageReader, orient_pixels, unreadable
 
 try:
     import simplejpeg
@@ -172,4 +172,4 @@ class DecodeCrop:
         except BadImage:
             raise
         except Exception as e:  # truncated, not an image, unreadable
-            raise BadImage(f"cannot read image {path}: {e}") from None
+            raise unreadable(path, e) from None

@@ -162,6 +162,13 @@ def orient_pixels(pixels, orientation):
     return out[..., None] if grey else out
 
 
+def unreadable(path, e):
+    """The one-line BadImage of every decode path for an image that failed with `e`."""
+    if isinstance(e, UnidentifiedImageError):  # its text names a BytesIO object, not the file
+        e = "not an image file PIL can identify"
+    return BadImage(f"cannot read image {path}: {e}")
+
+
 class ImageReader:
     """The one rule by which every loader (plain PIL, util.jpeg.DecodeCrop, util.gpu_aug
     read_encoded; files or shard members) turns a file into 8-bit RGB.
@@ -215,9 +222,7 @@ class ImageReader:
         except BadImage:
             raise
         except Exception as e:  # truncated, not an image, unreadable
-            if isinstance(e, UnidentifiedImageError):  # its text names a BytesIO object, not the file
-                e = "not an image file PIL can identify"
-            raise BadImage(f"cannot read image {path}: {e}") from None
+            raise unreadable(path, e) from None
 
     def using(self, reader):
         return reader
