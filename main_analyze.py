@@ -193,10 +193,10 @@ def main(args):
     if args.knn or args.linear:
         full_train = build_dataset(args, "train", eval_transform(args.input_size))
         dataset_train = subset(full_train, args.train_images)
-        if args.skip_bad_images:
-            dataset_train = readable_subset(dataset_train, args, "train")
         print(f"kNN bank and linear fit: {len(dataset_train):,} of {len(full_train):,} train images "
               f"(evenly spaced; --train_images)")
+        if args.skip_bad_images:  # said after the pick: its unreadable ones are left out of it
+            dataset_train = readable_subset(dataset_train, args, "bank")
         train_x, train_y = extract_features(model, eval_loader(dataset_train, args), device, args.amp, pools)
         train_x = train_x if len(pools) > 1 else [train_x]
     results["pools"] = {}

@@ -366,7 +366,7 @@ def test_skip_bad_images_leaves_bad_val_images_out_of_every_evaluation(script, p
     elif script == "main_analyze.py":
         cmd = ["main_analyze.py", "--checkpoint", pretrained[1], "--data_path", tmp_path / "data", *base,
                "--out_json", tmp_path / "r.json"]
-        lines = ["skipped 1 unreadable val images of 7", "skipped 1 unreadable train images of 11"]
+        lines = ["skipped 1 unreadable val images of 7", "skipped 1 unreadable bank images of 11"]
         counted = "bank 10 train images"
     else:
         cmd = ["main_pretrain.py", "--model", "mae_vit_tiny_patch16", "--patch_size", "8", "--synthetic_size", "8",

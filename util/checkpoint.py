@@ -355,8 +355,8 @@ def check_classes(saved, here, path):
     Either side without names (an older checkpoint, a file list's bare labels) is not checked."""
     diff = class_difference(saved, here, "the checkpoint", "this dataset")
     if diff:
-        raise UserError(f"checkpoint {path} was trained on other classes: {diff}; resume on the same classes, "
-                        "or start a new --output_dir")
+        raise UserError(f"checkpoint {path} was trained on other classes: {diff}; give --data_path "
+                        "the classes it was trained on (or, to train afresh, a new --output_dir)")
 
 
 def position_units(args):
