@@ -74,7 +74,7 @@ DATASHEET_TFLOPS = {"H200 NVL": 835.5, "H200": 989.5, "H100 PCIe": 756.5, "H100 
 # name: (estimated seconds on one H100/H200, estimated seconds with --quick on 2 CPU cores)
 # in the order they run: the issue's order (numbers, CUDA tests, entry points, batch search),
 # with the compiled step after the entry points since its cold compile is the least predictable
-PLAN = {"peak": (15, 20), "speed_b": (35, 40), "speed_l": (45, 45), "pipeline": (60, 40), "tests": (60, 40),
+PLAN = {"peak": (15, 20), "speed_b": (35, 60), "speed_l": (45, 60), "pipeline": (60, 40), "tests": (60, 40),
         "race": (20, 10), "entry": (110, 150), "compiled": (120, 45), "batch": (120, 30),
         "train": (75, 150), "overhead": (25, 30), "compiled_l": (90, 45)}
 OPTIONAL = {"batch", "train", "overhead", "compiled_l"}  # only in a --plan, or with --batch_search
