@@ -40,8 +40,8 @@ def fit_ridge(x, y, nb_classes, lam):
 
 def fit_logreg(x, y, nb_classes, weight_decay, steps=200):
     """Multinomial logistic regression, mean cross-entropy + wd/2 ||W||^2, full-batch L-BFGS."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(x.shape[1], nb_classes).to(x.device)
+    # zero start, no random init: nothing drawn from (or reseeded in) the global generators
+    lin = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], nb_classes, device=x.device)
     torch.nn.init.zeros_(lin.weight)
     torch.nn.init.zeros_(lin.bias)
     opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, history_size=20,

@@ -294,3 +294,13 @@ def test_analyze_bad_input_is_one_line(tmp_path, capsys):
             main_analyze.main(args)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
+
+
+def test_fit_logreg_neither_draws_from_nor_reseeds_the_global_generator():
+    from monitors.fast_linear import fit_logreg
+    torch.manual_seed(5)
+    x, y = torch.randn(40, 6), torch.arange(40) % 3
+    state = torch.get_rng_state()
+    first = fit_logreg(x, y, 3, 1e-3)(x)
+    assert torch.equal(torch.get_rng_state(), state)  # before: reseeded to 0
+    assert torch.equal(fit_logreg(x, y, 3, 1e-3)(x), first)  # zero start: repeatable
