@@ -392,6 +392,18 @@ def assert_close_weights(a, b):
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, (a[k] - b[k]).abs().max().item())
 
 
+def epoch_log(out, epoch):
+    with open(os.path.join(out, "log.txt")) as f:
+        return next(r for r in map(json.loads, f) if r["epoch"] == epoch)
+
+
+def assert_close_train_log(a, b):
+    keys = [k for k in b if k.startswith("train_") and "per_s" not in k]
+    assert {"train_loss", "train_loss_reg", "train_lr"} <= set(keys)
+    for k in keys:
+        assert a[k] == pytest.approx(b[k], rel=1e-4), (k, a[k], b[k])
+
+
 def test_resume_on_another_world_size_matches_uninterrupted(tmp_path):
     """Stopped mid-epoch at 2 processes, resumed at 1 x accum 2 (and 1 -> 2): the same samples,
     crops and masks, the same weights up to float reduction order, as the uninterrupted runs."""
@@ -408,6 +420,9 @@ def test_resume_on_another_world_size_matches_uninterrupted(tmp_path):
         assert f"starting at epoch 0 step {step}" in proc.stdout
         assert_close_weights(final_model(cut), final_model(full[w]))
         assert_close_weights(final_model(cut), final_model(full[w2]))
+        # the resumed epoch's logged averages count every rank's steps before the cut once
+        # (rank 0's sums alone were saved, and restored on every rank)
+        assert_close_train_log(epoch_log(cut, 0), epoch_log(full[w], 0))
     # the runs at 1 and 2 processes saw the same samples and masks in the same updates
     assert_close_weights(final_model(full[1]), final_model(full[2]))
 

@@ -269,7 +269,11 @@ class RunState:
         return self.step if epoch == self.epoch else 0
 
     def totals_for(self, epoch):
-        return self.logger_totals if epoch == self.epoch and self.step else None
+        """The resumed epoch's metric sums, saved summed over ranks: rank 0 carries them and
+        the others the same names at zero, so that the epoch's all-reduce counts them once."""
+        if epoch != self.epoch or not self.step or not self.logger_totals:
+            return None
+        return {k: list(v) if is_main_process() else [0.0, 0] for k, v in self.logger_totals.items()}
 
 
 def save_training(args, epoch, model, optimizer, scaler, step=None, run=None, logger_totals=None, classes=None):

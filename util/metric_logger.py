@@ -47,21 +47,19 @@ class MetricLogger:
         self.window = {}
         return out
 
-    def totals_after_flush(self):
-        """The epoch's running sums so far (plain floats), e.g. for a checkpoint."""
+    def totals_after_flush(self, distributed=True):
+        """The epoch's running sums so far (plain floats), with distributed=True summed over
+        ranks (every rank calls it at the same step): what a checkpoint keeps."""
         self.flush()
-        return {k: list(v) for k, v in self.totals.items()}
+        keys = sorted(self.totals)
+        t = torch.tensor([self.totals[k] for k in keys], dtype=torch.float64).reshape(len(keys), 2)
+        if distributed and keys:
+            all_reduce_sum(t)
+        return {k: [s, int(n)] for k, (s, n) in zip(keys, t.tolist())}
 
     def global_avg(self, distributed=True):
         """Epoch averages; with distributed=True summed over ranks first."""
-        self.flush()
-        if not self.totals:
-            return {}
-        keys = sorted(self.totals)
-        t = torch.tensor([[self.totals[k][0], self.totals[k][1]] for k in keys], dtype=torch.float64)
-        if distributed:
-            all_reduce_sum(t)
-        return {k: (s / max(n, 1)) for k, (s, n) in zip(keys, t.tolist())}
+        return {k: s / max(n, 1) for k, (s, n) in self.totals_after_flush(distributed).items()}
 
     def log_every(self, iterable, print_freq, header="", total=None, start=0, on_flush=None,
                   batch_size=None):
