@@ -28,7 +28,7 @@ from util.cli import add_bool, check_common_args, resolve_num_workers, seed_ever
 from util.datasets import (IMAGENET_MEAN, IMAGENET_STD, MAERandomResizedCrop, build_dataset, build_train_set,
                            check_nb_classes, check_same_classes, class_names, eval_loader, eval_transform, num_classes_of, on_device,
                            readable_subset, train_loader)
-from util.dist import broadcast_object, cleanup, get_rank, get_world_size, init_distributed_mode
+from util.dist import broadcast_buffers, broadcast_object, cleanup, get_rank, get_world_size, init_distributed_mode
 from util.errors import UserError
 from util.metric_logger import append_log, tensorboard_writer
 from util.survival import run_with_retries
@@ -213,6 +213,9 @@ def run(args, device, model, optimizer, data, criterion, mixup_fn=None, clip_gra
             data.train_loader.sampler.start_index = run_state.start_step(epoch) * args.batch_size
             train_stats = train_one_epoch(model, criterion, data.train_loader, optimizer, scaler, device, epoch,
                                           run_state, saver, args, mixup_fn, clip_grad, log_writer)
+            # every rank evaluates what rank 0 saves: each updates its own BatchNorm statistics
+            # (the probe's), and DDP broadcasts them only at a synced forward
+            broadcast_buffers(model_without_ddp)
             test = evaluate(model_without_ddp, data.val_loader, device, args)
             _report(f"epoch {epoch}", test)
             if test["acc1"] > max_acc:

@@ -250,6 +250,25 @@ def test_two_process_evaluation_equals_one(probe_run, tmp_path):
     assert one["test_loss"] == pytest.approx(two["test_loss"], rel=1e-6)
 
 
+def test_two_process_probe_reports_what_its_checkpoint_scores(pretrained, tmp_path):
+    """Each rank updates its own BatchNorm statistics (DDP broadcasts them only at a synced
+    forward, and not under accumulation): the accuracy reported in training, and kept as the
+    best, must be that of the checkpoint rank 0 saves."""
+    out = tmp_path / "two"
+    common = [*PROBE, "--epochs", "2", "--synthetic_size", "202", "--batch_size", "4"]
+    proc = run_script("main_linprobe.py", *common, "--accum_iter", "2", "--finetune", pretrained[1],
+                      "--output_dir", out, torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = read_log(out)[-1]
+    proc = run_script("main_linprobe.py", *common, "--eval", "--resume", out / "checkpoint-1.pth",
+                      "--output_dir", tmp_path / "eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = read_log(tmp_path / "eval")[-1]
+    assert trained["test_n"] == scored["test_n"] == 50
+    assert (trained["test_acc1"], trained["test_acc5"]) == (scored["test_acc1"], scored["test_acc5"])
+    assert trained["test_loss"] == pytest.approx(scored["test_loss"], rel=1e-5)
+
+
 def test_linear_probe_resumes_exactly(pretrained, probe_run, tmp_path):
     straight = probe_run[0]
     split = tmp_path / "split"

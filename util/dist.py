@@ -211,6 +211,16 @@ def gather_with_grad(x):
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
+def broadcast_buffers(module, src=0):
+    """In place: rank `src`'s buffers (e.g. BatchNorm running statistics) on every rank."""
+    if is_dist():
+        for b in module.buffers():
+            t = _on_backend_device(b.data)
+            dist.broadcast(t, src=src)
+            if t is not b.data:
+                b.data.copy_(t)
+
+
 def broadcast_object(obj, src=0):
     """Rank `src`'s picklable `obj` on every rank (one process: `obj` itself)."""
     if not is_dist():
