@@ -284,6 +284,27 @@ def test_linear_probe_resumes_exactly(pretrained, probe_run, tmp_path):
     assert [r["test_acc1"] for r in read_log(split)] == [r["test_acc1"] for r in read_log(straight)[2:]]
 
 
+def test_relaunch_with_another_encoder_is_refused(pretrained, tmp_path):
+    """The same output folder (the launchers' default) and another --finetune: auto-resume
+    would go on with the old encoder. The same file by another name continues."""
+    first = pretrained[1]
+    other = save_pretrained(tmp_path / "other", seed=1)[1]
+    out = tmp_path / "probe run"
+    common = [*PROBE, "--epochs", "1", "--synthetic_size", "64", "--output_dir", out]
+    assert run_script("main_linprobe.py", *common, "--finetune", first).returncode == 0
+    saved = (out / "checkpoint-0.pth").read_bytes()
+    proc = run_script("main_linprobe.py", *common, "--finetune", other)
+    assert_one_line_error(proc, f"started from --finetune {first}, not {other}", "give a new --output_dir")
+    assert (out / "checkpoint-0.pth").read_bytes() == saved and sorted(os.listdir(out))[:1] == ["checkpoint-0.pth"]
+    link = tmp_path / "link.pth"
+    link.symlink_to(first)
+    proc = run_script("main_linprobe.py", *PROBE, "--epochs", "2", "--synthetic_size", "64", "--output_dir", out,
+                      "--finetune", link)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "was saved in a run of --epochs 1; the schedule from here is that of --epochs 2" in proc.stdout
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
+
+
 # ---- fine-tuning -----------------------------------------------------------------
 def test_finetune_runs_with_layer_decayed_lrs(pretrained, tmp_path):
     out = tmp_path / "ft"

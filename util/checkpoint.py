@@ -252,6 +252,26 @@ def warn_changed_objective(saved_args, args, path):
                   f"{getattr(args, key)}: pass --{key} to keep the checkpoint's")
 
 
+def check_same_start(saved_args, args, path):
+    """A run continued from `path` must be the run this command starts: a fine-tuning whose
+    --finetune names another encoder would silently go on with the old one (the default
+    output folder and --auto_resume make that the easy mistake). Another --epochs is
+    allowed (a longer schedule, as MAE) but said."""
+    saved = saved_args if isinstance(saved_args, dict) else {}
+    old, new = saved.get("finetune") or "", getattr(args, "finetune", "") or ""
+    # rank 0 looks (a shared file system may show a file late on another host)
+    there, same = broadcast_object((os.path.exists(old), os.path.exists(old) and os.path.samefile(old, new))
+                                   if old and new and is_main_process() else (False, True))
+    if old and new and not same:
+        if there:
+            raise UserError(f"{path} continues a run started from --finetune {old}, not {new}: to start from "
+                            f"{new}, give a new --output_dir; to continue, give --finetune {old}")
+        print(f"note: {path} continues a run started from --finetune {old} (no longer there); {new} is not loaded")
+    if "epochs" in saved and saved["epochs"] != args.epochs:
+        print(f"note: {path} was saved in a run of --epochs {saved['epochs']}; the schedule from here is "
+              f"that of --epochs {args.epochs}")
+
+
 def gather_rng_states():
     """Every rank's RNG states (each rank draws its own masks), as a list by rank."""
     return all_gather_object(rng_state())
@@ -337,6 +357,7 @@ def resume_training(args, model, optimizer, scaler, run=None, classes=None):
         if "optimizer" not in state:
             print(f"loaded weights from {path}; starting at epoch {fresh.epoch}")
         else:
+            check_same_start(state.get("args"), args, path)
             optimizer.load_state_dict(state["optimizer"])
             load_scaler_state(scaler, state.get("scaler"), path)
             rngs = state.get("rng") or []
