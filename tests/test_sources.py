@@ -1,5 +1,6 @@
 """util/sources.py: unlabeled trees, file lists, the held-out split and image modes."""
 import os
+import random
 import re
 
 import numpy as np
@@ -81,6 +82,27 @@ def test_holdout_split_same_at_world_size_1_and_2():
     for _rank in range(2):
         assert holdout_split(list(names), 0.01, seed=0) == (train, held)
     assert names_digest([names[i] for i in held]) == names_digest([names[i] for i in held])
+
+
+def test_holdout_split_holds_out_the_same_files_in_any_list_order(tmp_path):
+    """Two `find`s of one folder list it in different orders: the same files are held out.
+    A sorted listing (a tree) keeps the split it always had."""
+    names = [f"d{i % 7}/img {i:03d}.png" for i in range(37)]
+    random.Random(1).shuffle(names)
+    train, held = holdout_split(names, 0.2)
+    for order in (sorted(names), names[::-1]):
+        t, h = holdout_split(order, 0.2)
+        assert {order[i] for i in h} == {names[i] for i in held} and len(t) == len(train) == 30
+    s = sorted(names)
+    perm = np.random.default_rng(0).permutation(37)
+    assert holdout_split(s, 0.2)[1] == sorted(perm[:7].tolist())
+    for p in s:
+        (tmp_path / p).parent.mkdir(exist_ok=True)
+        (tmp_path / p).touch()
+    for name, order in (("a.txt", names), ("b.txt", names[::-1])):
+        (tmp_path / name).write_text("\n".join(order) + "\n")
+    a, b = (read_file_list(tmp_path / n)[0] for n in ("a.txt", "b.txt"))
+    assert {a[i] for i in holdout_split(a, 0.2)[1]} == {b[i] for i in holdout_split(b, 0.2)[1]}
 
 
 def test_holdout_split_bounds():

@@ -122,13 +122,15 @@ def read_file_list(path):
 
 def holdout_split(names, fraction, seed=0, max_held=5000):
     """(train_idx, held_idx): a fixed-seed permutation of the sorted names, so the split
-    depends only on the file list, never on world size or resume."""
+    depends only on which files are listed, never on their order in a file list (a `find`
+    on another machine), the world size or a resume."""
     n = len(names)
     held = min(max(1, round(n * fraction)), max_held, n - 1)
     if held < 1:
         raise UserError(f"--holdout needs at least 2 images, found {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
+    by_name = sorted(range(n), key=names.__getitem__)
+    order = [by_name[i] for i in np.random.default_rng(seed).permutation(n)]
+    return sorted(order[held:]), sorted(order[:held])
 
 
 def names_digest(names):
