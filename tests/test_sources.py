@@ -1,4 +1,7 @@
 """util/sources.py: unlabeled trees, file lists, the held-out split and image modes."""
+import argparse
+import contextlib
+import io
 import os
 import random
 import re
@@ -9,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, assert_one_line_error, run_script
+from util.datasets import held_out
 from util.errors import UserError
 from util.sources import (ListedImages, any_mode_loader, holdout_split, list_images, names_digest,
                           read_file_list)
@@ -103,6 +107,14 @@ def test_holdout_split_holds_out_the_same_files_in_any_list_order(tmp_path):
         (tmp_path / name).write_text("\n".join(order) + "\n")
     a, b = (read_file_list(tmp_path / n)[0] for n in ("a.txt", "b.txt"))
     assert {a[i] for i in holdout_split(a, 0.2)[1]} == {b[i] for i in holdout_split(b, 0.2)[1]}
+    # and the start line's digest of the held-out names agrees
+    args = argparse.Namespace(holdout=0.2)
+    digests = []
+    for name in ("a.txt", "b.txt"):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            held_out(args, str(tmp_path / name), read_file_list(tmp_path / name)[0])
+        digests.append(re.search(r"sha256 of their names (\w+)", out.getvalue()).group(1))
+    assert digests[0] == digests[1]
 
 
 def test_holdout_split_bounds():

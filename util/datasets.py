@@ -238,7 +238,7 @@ def held_out(args, source, names):
     if source not in _ANNOUNCED:
         _ANNOUNCED.add(source)
         print(f"held out {len(held)} of {len(names)} images for val "
-              f"(sha256 of their names {names_digest([names[i] for i in held])})")
+              f"(sha256 of their names {names_digest(sorted(names[i] for i in held))})")
     return train, held
 
 

@@ -134,7 +134,7 @@ def holdout_split(names, fraction, seed=0, max_held=5000):
 
 
 def names_digest(names):
-    """Short sha256 of the names, printed at start so two runs can be seen to agree."""
+    """Short sha256 of the names (in the order given), printed at start so two runs can be seen to agree."""
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
 
 
