@@ -75,6 +75,9 @@ def check_eval_args(args):
         notes.append("--dist_eval ignored: evaluation is always split over the processes, exactly")
     if args.model not in models_vit.MODELS:
         raise UserError(f"unknown --model {args.model}; choose from {', '.join(models_vit.MODELS)}")
+    if args.finetune and os.path.isdir(args.finetune):
+        raise UserError(f"pretrained checkpoint {args.finetune} (--finetune) is a folder (a Hugging Face model?): "
+                        "main_export.py --import_from it writes a checkpoint of this codebase")
     if args.finetune and not os.path.isfile(args.finetune):
         raise UserError(f"pretrained checkpoint {args.finetune} (--finetune) does not exist")
     if args.eval and not args.resume:

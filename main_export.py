@@ -40,8 +40,11 @@ def get_args_parser():
     p.add_argument("--format", choices=["timm", "hf"], help="export format")
     p.add_argument("--import_from", help="HF ViTMAE/ViT folder or timm state dict (.safetensors/.pth) to import")
     p.add_argument("--output", required=True, help="file (timm, import) or folder (hf) to write; must not exist")
-    add_bool(p, "--norm_pix_loss", None, "for the HF config, when the checkpoint does not say (official files)")
-    p.add_argument("--mask_ratio", default=None, type=float, help="for the HF config (default: the checkpoint's)")
+    add_bool(p, "--norm_pix_loss", None, "for the HF config, when the checkpoint does not say (official files); "
+             "with --import_from: for the args written")
+    p.add_argument("--mask_ratio", default=None, type=float,
+                   help="for the HF config (default: the checkpoint's; 0 for an encoder alone); with --import_from: "
+                        "for the args written")
     return p
 
 
@@ -232,7 +235,8 @@ def export_timm(path, out):
     data = kw["pretrained_cfg_overlay"]
     # the names once, in their own field: 1,000 of them inside the printed call would bury it
     short = {**kw, "pretrained_cfg_overlay": {**data, **({"label_names": _Code("names")} if names else {})}}
-    meta = {"timm_model": name, "timm_kwargs": json.dumps(short, default=repr), "source": os.path.basename(path),
+    # the metadata's kwargs are the real ones (names included), for create_model(**json.loads(...))
+    meta = {"timm_model": name, "timm_kwargs": json.dumps(kw), "source": os.path.basename(path),
             **{k: json.dumps(data[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")},
             **({"label_names": json.dumps(names)} if names else {})}
     _write(out, lambda tmp: save_file(enc, tmp, metadata=meta))
@@ -275,7 +279,8 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
                         "token); export it with --format timm")
     decoder = shape["decoder_depth"] > 0
     norm_pix_loss = bool(args.get("norm_pix_loss", False)) if norm_pix_loss is None else norm_pix_loss
-    mask_ratio = float(args.get("mask_ratio", 0.75)) if mask_ratio is None else mask_ratio
+    if mask_ratio is None:  # an encoder alone is for features: ViTMAEModel (AutoModel) then keeps every patch
+        mask_ratio = float(args.get("mask_ratio", 0.75)) if decoder else 0.0
     if kind == "classifier":  # the cls token's final norm -> head, as models_vit without --global_pool
         config = hf_classifier_config(shape, entry, sd["head.weight"].shape[0], names)
         table = {**interop.hf_table(shape["depth"], 0, prefix="vit."),
@@ -301,11 +306,14 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
     dropped = sorted({k.split(".")[0] for k in sd if k not in table})
     what = (f"{config.num_labels} classes" + (", named in id2label" if names else "") if kind == "classifier"
             else f"norm_pix_loss {norm_pix_loss}, mask_ratio {mask_ratio}")
+    features = (f"  transformers.ViTModel.from_pretrained({out!r}, add_pooling_layer=False)"
+                "   # features: [cls, every patch in order]")
     print(f"wrote {cls.__name__} ({what}) to {out}"
           + (f"; left out: {', '.join(dropped)}" if dropped else "") + "; load it with\n"
-          f"  transformers.{cls.__name__}.from_pretrained({out!r})"
-          + ("   # or ViTMAEModel / ViTModel for the encoder" if decoder else
-             "" if kind == "classifier" else "   # or ViTModel"))
+          + (f"  transformers.{cls.__name__}.from_pretrained({out!r})\n" if decoder or kind == "classifier" else "")
+          + (features if kind != "classifier" else "")
+          + ("\n  # ViTMAEModel / AutoModel put the patch tokens in a random order (EVAL.md)" if kind != "classifier"
+             else ""))
     return config
 
 
@@ -333,10 +341,16 @@ def image_processor(img):
 def _write(out, write):
     """Write through a temporary path beside `out`, then rename: nothing existing is
     replaced, and a failure leaves nothing under `out`."""
+    if not out.strip():
+        raise UserError("--output is empty: name the file or folder to write")
     if os.path.exists(out):
         raise UserError(f"{out} already exists; choose another --output (nothing was overwritten)")
     tmp = f"{out.rstrip('/')}.tmp.{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(tmp))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output {out}: cannot make its folder {parent}: {e.strerror}") from None
     try:
         write(tmp)
         os.rename(tmp, out)
@@ -353,10 +367,18 @@ def read_hf_folder(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path} is a folder without config.json: not a Hugging Face model folder")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("model_type") not in ("vit_mae", "vit"):
-        raise UserError(f"{path} holds a {cfg.get('model_type')!r} model; only vit_mae and vit import")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in ("vit_mae", "vit"):
+        raise UserError(f"{path} holds a {cfg.get('model_type') if isinstance(cfg, dict) else None!r} model; "
+                        "only vit_mae and vit import")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "image_size", "patch_size") if k not in cfg]
+    if missing:
+        raise UserError(f"{cfg_path} does not say {', '.join(missing)}")
+    _note_preprocessing(path)
     weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
     weights = [w for w in weights if os.path.isfile(w)]
     if not weights:
@@ -376,6 +398,24 @@ def read_hf_folder(path):
     if decoder:  # the weights do not show it (the decoder's width, depth and MLP width they do)
         settings["decoder_num_heads"] = cfg.get("decoder_num_attention_heads", 16)
     return sd, settings
+
+
+def _note_preprocessing(path):
+    """This codebase normalises with ImageNet's mean/std: a folder whose processor says other
+    ones (HF ViT's 0.5) was trained on other inputs, and its features here are not its own."""
+    proc = os.path.join(path, "preprocessor_config.json")
+    try:
+        with open(proc) as f:
+            cfg = json.load(f)
+        mean, std = (v if isinstance(v, list) else [v] * 3 for v in (cfg["image_mean"], cfg["image_std"]))
+        differs = any(abs(float(a) - b) > 1e-3 for x, y in ((mean, IMAGENET_MEAN), (std, IMAGENET_STD))
+                      for a, b in zip(x, y, strict=True))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no (readable) processor: nothing to say
+        return
+    if differs:
+        print(f"note: {proc} normalises with mean {mean}, std {std}; fine-tuning, probing and analysis here "
+              f"normalise with ImageNet's {[round(v, 3) for v in IMAGENET_MEAN]}, "
+              f"{[round(v, 3) for v in IMAGENET_STD]} (the model sees other inputs than it was trained on)")
 
 
 def _check_hf_config(cfg, path):
@@ -416,8 +456,12 @@ def read_timm(path):
     return {k: v for k, v in sd.items() if k not in dropped}
 
 
-def import_weights(src, out):
-    """Write the weights of an HF folder or a timm file as a checkpoint of this codebase."""
+def import_weights(src, out, norm_pix_loss=None, mask_ratio=None):
+    """Write the weights of an HF folder or a timm file as a checkpoint of this codebase;
+    --norm_pix_loss / --mask_ratio, when given, replace what the source says (official
+    and timm files say nothing)."""
+    if out.endswith(".safetensors"):  # the mirror of --format timm's refusal of .pth
+        raise UserError(f"an import writes a torch checkpoint: name --output {out} *.pth")
     if os.path.isdir(src):
         sd, settings = read_hf_folder(src)
     elif os.path.isfile(src):
@@ -428,6 +472,8 @@ def import_weights(src, out):
         shape = interop.describe(sd)
     except UserError as e:
         raise UserError(f"{src} {e}") from None
+    settings.update({k: v for k, v in dict(norm_pix_loss=norm_pix_loss, mask_ratio=mask_ratio).items()
+                     if v is not None})
     entry = registry_size(shape["embed_dim"], src)
     shape = with_decoder(shape, entry, settings.pop("decoder_num_heads", None), src)
     _refuse_zero_positions(sd, src)
@@ -468,13 +514,17 @@ def _print_import_use(out, entry, args, flags, decoder):
 def main(args):
     if bool(args.import_from) == bool(args.checkpoint):
         raise UserError("pass either --checkpoint (with --format timm|hf) or --import_from")
-    if args.import_from:
-        return import_weights(args.import_from, args.output)
-    if args.format is None:
-        raise UserError("--checkpoint needs --format timm or --format hf")
     if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.import_from:
+        return import_weights(args.import_from, args.output, args.norm_pix_loss, args.mask_ratio)
+    if args.format is None:
+        raise UserError("--checkpoint needs --format timm or --format hf")
     if args.format == "timm":
+        given = [f for f in ("norm_pix_loss", "mask_ratio") if getattr(args, f) is not None]
+        if given:
+            raise UserError(f"--{' and --'.join(given)}: a timm file keeps only the encoder, with no place for it "
+                            "(it is for --format hf and --import_from)")
         return export_timm(args.checkpoint, args.output)
     return export_hf(args.checkpoint, args.output, args.norm_pix_loss, args.mask_ratio)
 

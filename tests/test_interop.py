@@ -296,7 +296,11 @@ def test_interop_classifier_exports_carry_the_class_names(named_runs, script, tm
     exec("import safetensors.torch\n" + "\n".join(line.strip() for line in printed[1:4]), scope)
     assert scope["m"].pretrained_cfg["label_names"] == tuple(NAMES)
     with safetensors.safe_open(out, "pt") as f:
-        assert json.loads(f.metadata()["label_names"]) == NAMES
+        meta = f.metadata()
+    assert json.loads(meta["label_names"]) == NAMES
+    # the recorded create_model arguments build the same model, names and all
+    again = timm.create_model(meta["timm_model"], **json.loads(meta["timm_kwargs"]))
+    assert tuple(again.pretrained_cfg["label_names"]) == tuple(NAMES)
 
 
 def test_interop_class_names_that_do_not_fit_the_head_are_one_line(named_runs, tmp_path):
@@ -692,3 +696,76 @@ def test_interop_training_imports_neither_transformers_nor_the_exporter():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_interop_hf_encoder_only_export_keeps_every_patch(tmp_path, capsys):
+    """An encoder alone is for features: its ViTMAEModel folder keeps every patch (mask_ratio 0),
+    so AutoModel's cls feature is ours on every call, and the printed load is ViTModel's."""
+    mae = tiny_mae()
+    sd = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token", "online"))}
+    path = tmp_path / "enc.pth"
+    torch.save({"model": sd, "args": {**ARGS, "decoder_depth": None}}, path)
+    folder = str(tmp_path / "hf enc")
+    main_export.export_hf(str(path), folder)
+    printed = capsys.readouterr().out
+    assert "mask_ratio 0.0" in printed
+    assert f"transformers.ViTModel.from_pretrained({folder!r}, add_pooling_layer=False)" in printed
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    assert type(model).__name__ == "ViTMAEModel" and model.config.mask_ratio == 0.0
+    x = images()
+    with torch.no_grad():
+        a, b = (model(pixel_values=x).last_hidden_state for _ in range(2))
+        ours = unmasked_latent(mae, x)
+    assert a.shape == ours.shape
+    torch.testing.assert_close(a[:, 0], ours[:, 0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(b[:, 0], a[:, 0], atol=ATOL, rtol=0)
+
+
+def test_interop_import_notes_other_preprocessing_and_takes_the_flags(tmp_path, capsys):
+    cfg = transformers.ViTConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768,
+                                 image_size=32, patch_size=4, layer_norm_eps=1e-6)
+    torch.manual_seed(2)
+    perturbed(transformers.ViTModel(cfg, add_pooling_layer=False), 2).save_pretrained(tmp_path / "vit")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")  # 0.5
+    args = main_export.import_weights(str(tmp_path / "vit"), str(tmp_path / "vit.pth"), True, 0.6)
+    out = capsys.readouterr().out
+    assert "normalises with mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]" in out and "ImageNet's" in out
+    assert (args["norm_pix_loss"], args["mask_ratio"]) == (True, 0.6)
+    assert torch.load(tmp_path / "vit.pth", weights_only=True)["args"]["mask_ratio"] == 0.6
+    # ImageNet's own: nothing to say
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                                   image_std=[0.229, 0.224, 0.225]).save_pretrained(tmp_path / "vit")
+    main_export.import_weights(str(tmp_path / "vit"), str(tmp_path / "vit2.pth"))
+    assert "normalises" not in capsys.readouterr().out
+
+
+def test_interop_bad_export_and_import_input_is_one_line(tmp_path):
+    ckpt = save_ours(tmp_path, tiny_mae())
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "config.json").write_text('{"model_type": "vit", "hidden_size": 192}')
+    (tmp_path / "afile").write_text("x")
+    timm_file = tmp_path / "enc.safetensors"
+    main_export.export_timm(ckpt, str(timm_file))
+    cases = [
+        (["--import_from", timm_file, "--output", tmp_path / "y.safetensors"], "name --output"),
+        (["--import_from", tmp_path / "bad", "--output", tmp_path / "b.pth"], "is not valid JSON"),
+        (["--import_from", tmp_path / "short", "--output", tmp_path / "s.pth"],
+         "does not say num_hidden_layers, image_size, patch_size"),
+        (["--import_from", timm_file, "--output", ""], "--output is empty"),
+        (["--import_from", timm_file, "--output", tmp_path / "afile" / "x.pth"], "cannot make its folder"),
+        (["--checkpoint", ckpt, "--format", "timm", "--mask_ratio", "0.5", "--output", tmp_path / "t.safetensors"],
+         "a timm file keeps only the encoder"),
+        (["--checkpoint", tmp_path / "bad", "--format", "timm", "--output", tmp_path / "u.safetensors"],
+         "is a folder (a Hugging Face model?)"),
+        (["--checkpoint", timm_file, "--format", "hf", "--output", tmp_path / "hf"], "is a safetensors file"),
+    ]
+    for flags, fragment in cases:
+        assert_one_line_error(run_script("main_export.py", *flags), fragment)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "bad", "ckpt.pth", "enc.safetensors", "short"]
+    for finetune, fragment in ((tmp_path / "bad", "is a folder"), (timm_file, "is a safetensors file")):
+        proc = run_script("main_linprobe.py", "--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size",
+                          "4", "--synthetic_size", "32", "--batch_size", "8", "--num_workers", "0", "--finetune", finetune,
+                          "--output_dir", tmp_path / "probe")
+        assert_one_line_error(proc, fragment, "--import_from")

@@ -65,9 +65,15 @@ def load_checkpoint(path):
     """Load with weights_only=True; every failure becomes one clear line. The one
     object allowed besides plain data is argparse.Namespace, which the official MAE /
     U-MAE / M-MAE training scripts store as 'args' (returned here as a dict)."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder (a Hugging Face model?): main_export.py --import_from "
+                        "it writes a checkpoint of this codebase")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save writes zip archives (torch >= 1.6)
+        if _is_safetensors(path):
+            raise UserError(f"checkpoint {path} is a safetensors file (timm's?), not a checkpoint of this codebase: "
+                            "main_export.py --import_from it writes one")
         raise UserError(f"checkpoint {path} is truncated or corrupt (not a torch zip archive)")
     try:
         with _allowing(argparse.Namespace):
@@ -82,6 +88,13 @@ def load_checkpoint(path):
     if isinstance(state, dict) and isinstance(state.get("args"), argparse.Namespace):
         state["args"] = vars(state["args"])
     return state
+
+
+def _is_safetensors(path):
+    """A safetensors header: an 8-byte little-endian length, then JSON starting with '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path)
 
 
 def _load_mapped(path):
