@@ -306,6 +306,10 @@ def export_hf(path, out, norm_pix_loss=None, mask_ratio=None):
     dropped = sorted({k.split(".")[0] for k in sd if k not in table})
     what = (f"{config.num_labels} classes" + (", named in id2label" if names else "") if kind == "classifier"
             else f"norm_pix_loss {norm_pix_loss}, mask_ratio {mask_ratio}")
+    if kind != "classifier" and args.get("global_pool"):  # HF's configs have no field for it
+        print(f"note: {path} was pretrained with --global_pool: its feature is the mean of "
+              "last_hidden_state[:, 1:] through the final layernorm once more, not the cls token; HF's config "
+              "cannot say so (give --global_pool again to a run on an import of it)")
     features = (f"  transformers.ViTModel.from_pretrained({out!r}, add_pooling_layer=False)"
                 "   # features: [cls, every patch in order]")
     print(f"wrote {cls.__name__} ({what}) to {out}"
@@ -435,7 +439,7 @@ def _check_hf_config(cfg, path):
     eps = cfg.get("layer_norm_eps", 1e-12)
     if eps != 1e-6:
         print(f"note: {path} has layer_norm_eps {eps:g}; models_mae uses MAE's 1e-6 "
-              "(the outputs differ in about the 6th digit)")
+              "(the outputs differ slightly: most for small activations)")
 
 
 def read_timm(path):

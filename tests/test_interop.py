@@ -769,3 +769,12 @@ def test_interop_bad_export_and_import_input_is_one_line(tmp_path):
                           "4", "--synthetic_size", "32", "--batch_size", "8", "--num_workers", "0", "--finetune", finetune,
                           "--output_dir", tmp_path / "probe")
         assert_one_line_error(proc, fragment, "--import_from")
+
+
+def test_interop_hf_export_of_a_global_pool_pretraining_says_its_pooling(tmp_path, capsys):
+    path = save_ours(tmp_path, tiny_mae(global_pool=True), global_pool=True)
+    main_export.export_hf(path, str(tmp_path / "hf"))
+    assert "was pretrained with --global_pool: its feature is the mean of last_hidden_state[:, 1:]" \
+        in capsys.readouterr().out
+    main_export.export_hf(save_ours(tmp_path, tiny_mae(), name="cls.pth"), str(tmp_path / "hf2"))
+    assert "global_pool" not in capsys.readouterr().out
