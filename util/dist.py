@@ -12,7 +12,6 @@ import subprocess
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
 from util.errors import UserError
 
@@ -208,7 +207,25 @@ def gather_with_grad(x):
     """
     if not is_dist() or get_world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x.contiguous())
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """torch.distributed.nn.functional.all_gather's rule on public collectives (that function
+    is deprecated for a private module): forward gathers, backward sums every rank's
+    gradient of the whole batch and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(out, x)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(get_world_size())[get_rank()]
 
 
 def broadcast_buffers(module, src=0):
