@@ -79,7 +79,7 @@ def load_checkpoint(path):
         with _allowing(argparse.Namespace):
             state = _load_mapped(path)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip().splitlines()[0])  # torch colours its message
         raise UserError(f"checkpoint {path} holds pickled objects and is refused "
                         f"(loading uses weights_only=True): {first}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
