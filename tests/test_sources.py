@@ -432,10 +432,10 @@ LISTING_SCRIPT = '''
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import argparse
-from util.dist import get_rank, init_distributed_mode
+from util.dist import cleanup, get_rank, init_distributed_mode
 from util.datasets import build_dataset
 from util.errors import UserError
-init_distributed_mode(argparse.Namespace(device="cpu", dist_timeout=2))
+init_distributed_mode(argparse.Namespace(device="cpu", dist_timeout=30))  # a hang fails, a loaded machine not
 calls = []
 real_scandir = os.scandir
 os.scandir = lambda *a: calls.append(a) or real_scandir(*a)  # os.walk walks with it
@@ -448,6 +448,7 @@ try:
 except UserError as e:
     err = str(e)
 json.dump(dict(train=train, val=val, scandirs=len(calls), err=err), open(f"{out}/rank{{get_rank()}}.json", "w"))
+cleanup()  # exiting with the gloo group alive aborts now and then ("terminate called without an active exception")
 '''
 
 
