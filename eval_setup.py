@@ -80,6 +80,8 @@ def check_eval_args(args):
                         "main_export.py --import_from it writes a checkpoint of this codebase")
     if args.finetune and not os.path.isfile(args.finetune):
         raise UserError(f"pretrained checkpoint {args.finetune} (--finetune) does not exist")
+    if args.finetune:  # saved in the args as an absolute path: a relaunch from elsewhere compares it right
+        args.finetune = os.path.abspath(args.finetune)
     if args.eval and not args.resume:
         args.resume, why = eval_checkpoint(args)
         notes.append(f"--eval without --resume: evaluating {args.resume} ({why})")

@@ -272,6 +272,10 @@ def check_same_start(saved_args, args, path):
     allowed (a longer schedule, as MAE) but said."""
     saved = saved_args if isinstance(saved_args, dict) else {}
     old, new = saved.get("finetune") or "", getattr(args, "finetune", "") or ""
+    if old and new and not os.path.isabs(old):  # an older run's name as typed, relative to a folder not known
+        print(f"note: {path} continues a run started from --finetune {old} (a relative name, not compared "
+              f"with {new}, which is not loaded)")
+        old = ""
     # rank 0 looks (a shared file system may show a file late on another host)
     there, same = broadcast_object((os.path.exists(old), os.path.exists(old) and os.path.samefile(old, new))
                                    if old and new and is_main_process() else (False, True))
