@@ -376,9 +376,10 @@ def read_hf_folder(path):
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") not in ("vit_mae", "vit"):
-        raise UserError(f"{path} holds a {cfg.get('model_type') if isinstance(cfg, dict) else None!r} model; "
-                        "only vit_mae and vit import")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path} is not a JSON object (a Hugging Face config is one)")
+    if cfg.get("model_type") not in ("vit_mae", "vit"):
+        raise UserError(f"{path} holds a {cfg.get('model_type')!r} model; only vit_mae and vit import")
     missing = [k for k in ("hidden_size", "num_hidden_layers", "image_size", "patch_size") if k not in cfg]
     if missing:
         raise UserError(f"{cfg_path} does not say {', '.join(missing)}")

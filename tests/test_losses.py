@@ -81,6 +81,32 @@ def test_world_size_invariance_two_gloo_processes(tmp_path):
         assert not np.allclose(np.array(b["grads_published"]), ga, rtol=1e-3, atol=1e-6)
 
 
+GATHER_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+from util.dist import gather_with_grad
+dist.init_process_group("gloo")
+r, w = dist.get_rank(), dist.get_world_size()
+x1, x2 = (torch.randn(3, 4, requires_grad=True) for _ in range(2))
+weight = torch.randn(3 * w, 4, generator=torch.Generator().manual_seed(9))
+((gather_with_grad(x1) + gather_with_grad(x2)) * weight).sum().backward()  # one gradient tensor, two gathers
+# every rank's copy of the global loss sends its rows' gradient here: w times this rank's weight rows
+ok = all(torch.equal(x.grad, w * weight[3 * r:3 * r + 3]) for x in (x1, x2))
+print("ok" if ok else f"rank {{r}}: {{x1.grad}} {{x2.grad}}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gather_with_grad_sums_each_ranks_rows_when_two_gathers_share_a_gradient(tmp_path, world):
+    from conftest import REPO
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_SCRIPT.format(repo=REPO))
+    proc = run_script(script, torchrun=world, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("ok") == world and "rank" not in proc.stdout, proc.stdout  # lines may interleave
+
+
 def test_tcr_uses_no_error_checking_cholesky(monkeypatch):
     # torch.linalg.cholesky reads its status back to raise on failure: a host sync on
     # CUDA in every M-MAE step. cholesky_ex does not; a failure becomes a non-finite loss.

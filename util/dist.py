@@ -223,7 +223,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may hand the same tensor to others
         dist.all_reduce(grad)
         return grad.chunk(get_world_size())[get_rank()]
 
