@@ -309,6 +309,10 @@ def test_relaunch_with_another_encoder_is_refused(pretrained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "was saved in a run of --epochs 1; the schedule from here is that of --epochs 2" in proc.stdout
     assert [r["epoch"] for r in read_log(out)] == [0, 1]
+    # --eval trains nothing: another encoder or schedule named beside it is not in the way
+    proc = run_script("main_linprobe.py", *PROBE, "--synthetic_size", "64", "--eval", "--resume",
+                      out / "checkpoint-1.pth", "--finetune", other, "--output_dir", tmp_path / "ev")
+    assert proc.returncode == 0 and "note:" not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 # ---- fine-tuning -----------------------------------------------------------------

@@ -374,7 +374,8 @@ def resume_training(args, model, optimizer, scaler, run=None, classes=None):
         if "optimizer" not in state:
             print(f"loaded weights from {path}; starting at epoch {fresh.epoch}")
         else:
-            check_same_start(state.get("args"), args, path)
+            if not getattr(args, "eval", False):  # --eval trains nothing: neither encoder nor schedule matters
+                check_same_start(state.get("args"), args, path)
             optimizer.load_state_dict(state["optimizer"])
             load_scaler_state(scaler, state.get("scaler"), path)
             rngs = state.get("rng") or []
