@@ -748,6 +748,9 @@ def test_interop_bad_export_and_import_input_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("x")
     timm_file = tmp_path / "enc.safetensors"
     main_export.export_timm(ckpt, str(timm_file))
+    cfg = transformers.ViTConfig(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768,
+                                 image_size=32, patch_size=4)
+    transformers.ViTModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
     cases = [
         (["--import_from", timm_file, "--output", tmp_path / "y.safetensors"], "name --output"),
         (["--import_from", tmp_path / "bad", "--output", tmp_path / "b.pth"], "is not valid JSON"),
@@ -760,10 +763,12 @@ def test_interop_bad_export_and_import_input_is_one_line(tmp_path):
         (["--checkpoint", tmp_path / "bad", "--format", "timm", "--output", tmp_path / "u.safetensors"],
          "is a folder (a Hugging Face model?)"),
         (["--checkpoint", timm_file, "--format", "hf", "--output", tmp_path / "hf"], "is a safetensors file"),
+        (["--import_from", tmp_path / "vit" / "model.safetensors", "--output", tmp_path / "v.pth"],
+         "import the folder that holds it"),
     ]
     for flags, fragment in cases:
         assert_one_line_error(run_script("main_export.py", *flags), fragment)
-    assert sorted(os.listdir(tmp_path)) == ["afile", "bad", "ckpt.pth", "enc.safetensors", "short"]
+    assert sorted(os.listdir(tmp_path)) == ["afile", "bad", "ckpt.pth", "enc.safetensors", "short", "vit"]
     for finetune, fragment in ((tmp_path / "bad", "is a folder"), (timm_file, "is a safetensors file")):
         proc = run_script("main_linprobe.py", "--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size",
                           "4", "--synthetic_size", "32", "--batch_size", "8", "--num_workers", "0", "--finetune", finetune,

@@ -105,7 +105,10 @@ def describe(sd):
     """The shape of the ViT in a state dict of our (= timm's) names: encoder width, depth,
     patch size, patch grid side, MLP width, and the decoder's width, depth and MLP width (0 if absent)."""
     if not isinstance(sd, dict) or not torch.is_tensor(sd.get("patch_embed.proj.weight")):
-        raise UserError("holds no ViT encoder (no patch_embed.proj.weight)")
+        hf = isinstance(sd, dict) and any("embeddings.patch_embeddings" in k for k in sd)
+        raise UserError("holds no ViT encoder (no patch_embed.proj.weight)" +
+                        ("; its names are Hugging Face's: import the folder that holds it and its config.json"
+                         if hf else ""))
     w = sd["patch_embed.proj.weight"]
     n_pos = sd["pos_embed"].shape[1] - 1 if "pos_embed" in sd else 0
     grid = round(n_pos ** 0.5)
